@@ -1,0 +1,54 @@
+"""adapterops: exact arithmetic on LoRA adapters, on their factors.
+
+    import adapterops as ao
+    a, b = ao.load_adapter("./style-a"), ao.load_adapter("org/style-b@v2")
+    mix = ao.combine([a, b], weights=[0.7, 0.3], method="svd", rank=16)
+    mix.save("./mix")
+
+The math convention (dW = scale * B @ A, shapes, layouts) is stated in ``adapterops.adapter``.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from adapterops.adapter import Adapter, LoraModule, ModuleKind, ModuleReport, Source
+from adapterops.errors import (
+    AdapterFormatError,
+    AdapterOpsError,
+    HubError,
+    IncompatibleAdaptersError,
+    InvalidInputError,
+    NotFoundError,
+    OutputExistsError,
+    UnsupportedAdapterError,
+)
+from adapterops.io import load_adapter, save_adapter
+from adapterops.ops.combine import ApproximationWarning, Method, combine, negate, resize, scale
+from adapterops.ops.lowrank import RankPolicy
+
+__all__ = [
+    "Adapter",
+    "AdapterFormatError",
+    "AdapterOpsError",
+    "ApproximationWarning",
+    "HubError",
+    "IncompatibleAdaptersError",
+    "InvalidInputError",
+    "LoraModule",
+    "Method",
+    "ModuleKind",
+    "ModuleReport",
+    "NotFoundError",
+    "OutputExistsError",
+    "RankPolicy",
+    "Source",
+    "UnsupportedAdapterError",
+    "__version__",
+    "combine",
+    "load_adapter",
+    "negate",
+    "resize",
+    "save_adapter",
+    "scale",
+]

@@ -1,0 +1,3 @@
+from adapterops.cli import main
+
+main()

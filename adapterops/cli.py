@@ -1,0 +1,344 @@
+"""The ``adapterops`` command: one short function per verb, each parsing, calling one public
+function and rendering its result. No tensor math lives here."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from adapterops import __version__
+from adapterops.adapter import Adapter
+from adapterops.console import Output, summarize, summary_line
+from adapterops.errors import AdapterOpsError
+from adapterops.info import describe
+from adapterops.io import load_adapter
+from adapterops.io.atomic import check_output_path
+from adapterops.ops import combine as ops
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class Group(click.Group):
+    """Turns adapterops errors into one line on stderr and the error's exit code.
+
+    Set ADAPTEROPS_DEBUG=1 for the traceback instead.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterOpsError as exc:
+            if os.environ.get("ADAPTEROPS_DEBUG"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="adapterops")
+def cli() -> None:
+    """Exact arithmetic on LoRA adapters: combine, negate, scale, resize, inspect.
+
+    Inputs are PEFT adapter directories or Hub ids (org/name or org/name@revision); outputs are
+    PEFT adapter directories that PeftModel.from_pretrained loads unchanged.
+
+    Set ADAPTEROPS_DEBUG=1 to see tracebacks.
+    """
+
+
+def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """-o/--output, --force, --dtype, --json, --quiet, --verbose for every verb that writes an adapter."""
+    options = [
+        click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."),
+        click.option("--force", is_flag=True, help="Replace the output directory if it exists."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", *DTYPES]),
+            default="auto",
+            show_default=True,
+            help="Storage dtype of the output factors; auto keeps the inputs'.",
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+        click.option("-v", "--verbose", is_flag=True, help="Print a line per module."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def rank_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--rank", type=click.IntRange(min=1), help="Keep the top K singular values per module."),
+        click.option(
+            "--energy",
+            type=click.FloatRange(0, 1, min_open=True),
+            help="Keep the fewest singular values holding this fraction of ||dW||^2 per module.",
+        ),
+        click.option(
+            "--sv-ratio",
+            type=click.FloatRange(min=1),
+            help="Keep singular values within this factor of the largest, per module.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load_all(refs: Sequence[str], out: Output) -> list[Adapter]:
+    adapters = []
+    with out.progress("loading", len(refs)) as advance:
+        for ref in refs:
+            adapters.append(load_adapter(ref))
+            advance(ref)
+    return adapters
+
+
+def _write(
+    adapter: Adapter, output: Path, *, force: bool, dtype: str, out: Output, extra: dict[str, Any] | None = None
+) -> None:
+    """Save with provenance (command, version, summary) and print the summary."""
+    summary = summarize(adapter.report)
+    ctx = click.get_current_context()
+    provenance = dict(adapter.provenance or {})
+    provenance.update(
+        command=shlex.join(["adapterops", *ctx.find_root().meta.get("argv", [])]),
+        adapterops_version=__version__,
+        summary=summary_line(summary),
+        **(extra or {}),
+    )
+    adapter = dataclasses.replace(adapter, provenance=provenance)
+    adapter.save(str(output), force=force, dtype=None if dtype == "auto" else DTYPES[dtype])
+    if out.as_json:
+        payload: dict[str, Any] = {"output": str(output), **summary}
+        payload["per_module"] = [r.as_dict() for r in adapter.report]
+        out.json(payload)
+        return
+    if out.verbose:
+        for r in adapter.report:
+            out.line(
+                f"{r.name}: rank {r.rank_in} -> {r.rank_out}, energy kept {100 * r.energy_kept:.4f}%, "
+                f"relative error {r.rel_error:.3g}"
+            )
+    out.line(f"wrote {output}: {summary_line(summary)}")
+
+
+def _run(out: Output, work: Callable[[], None]) -> None:
+    """Run ``work`` and print the warnings it raised as one line each on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        work()
+    for item in caught:
+        if issubclass(item.category, (UserWarning,)) and item.filename.find("adapterops") >= 0:
+            out.warn(str(item.message))
+
+
+class WeightsCommand(click.Command):
+    """Lets ``--weights 0.7 0.3`` (and negative ``-0.4``) follow the option, as users write it.
+
+    Numbers after ``-w/--weights`` are rewritten to one ``--weights=N`` each before click parses;
+    ``--weights 0.7,0.3`` works too.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten: list[str] = []
+        taking = False
+        for arg in args:
+            if arg in ("-w", "--weights"):
+                taking = True
+                continue
+            if taking and _numbers(arg) is not None:
+                rewritten += [f"--weights={value}" for value in _numbers(arg) or []]
+                continue
+            if arg.startswith("--weights="):
+                rewritten += [f"--weights={value}" for value in (_numbers(arg.split("=", 1)[1]) or [arg])]
+                continue
+            taking = False
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+def _numbers(text: str) -> list[str] | None:
+    parts = [p for p in text.split(",") if p]
+    try:
+        [float(p) for p in parts]
+    except ValueError:
+        return None
+    return parts or None
+
+
+@cli.command(cls=WeightsCommand)
+@click.argument("adapters", nargs=-1, required=True)
+@click.option(
+    "-w",
+    "--weights",
+    type=float,
+    multiple=True,
+    help="One weight per adapter, in order (repeat the option or list them after it). Default: 1 each.",
+)
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in ops.Method]),
+    default="exact",
+    show_default=True,
+    help="exact: the weighted sum at its numerical rank. cat: concatenated factors. svd: best "
+    "rank-K form (needs --rank/--energy/--sv-ratio). linear: PEFT's approximation.",
+)
+@rank_options
+@click.option("--allow-different-bases", "force_bases", is_flag=True, help="Combine adapters whose configs name different base models.")
+@output_options
+def combine(
+    adapters: tuple[str, ...],
+    weights: tuple[float, ...],
+    method: str,
+    rank: int | None,
+    energy: float | None,
+    sv_ratio: float | None,
+    force_bases: bool,
+    output: Path,
+    force: bool,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Weighted sum of adapters: dW = sum_i w_i dW_i for every module any input touches.
+
+    \b
+    Examples:
+      adapterops combine ./style-a ./style-b --weights 0.7 0.3 -o ./mix
+      adapterops combine a b c --weights 0.5 -0.4 1.2 --method svd --rank 16 -o ./mix16
+      adapterops combine org/a@v2 org/b -w 1 -w 1 --method cat -o ./both
+    """
+    out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
+    check_output_path(output.absolute(), force=force)
+
+    def work() -> None:
+        loaded = _load_all(adapters, out)
+        with out.progress("combining", len(set().union(*(a.modules for a in loaded)))) as advance:
+            result = ops.combine(
+                loaded,
+                list(weights) if weights else None,
+                method=method,
+                rank=rank,
+                energy=energy,
+                sv_ratio=sv_ratio,
+                force=force_bases,
+                progress=advance,
+            )
+        _write(result, output, force=force, dtype=dtype, out=out)
+
+    _run(out, work)
+
+
+@cli.command()
+@click.argument("adapter")
+@output_options
+def negate(adapter: str, output: Path, force: bool, dtype: str, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Flip an adapter's update: dW -> -dW (lora_B changes sign, nothing else).
+
+    \b
+    Example:
+      adapterops negate ./toxic -o ./anti-toxic
+    """
+    out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
+    check_output_path(output.absolute(), force=force)
+    _run(out, lambda: _write(ops.negate(load_adapter(adapter)), output, force=force, dtype=dtype, out=out))
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--by", "factor", type=float, required=True, help="The factor F in dW -> F dW.")
+@output_options
+def scale(
+    adapter: str, factor: float, output: Path, force: bool, dtype: str, as_json: bool, quiet: bool, verbose: bool
+) -> None:
+    """Multiply an adapter's update by a factor; the factors stay as stored, lora_alpha absorbs it.
+
+    \b
+    Example:
+      adapterops scale ./style-a --by 0.5 -o ./half
+    """
+    out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
+    check_output_path(output.absolute(), force=force)
+    _run(out, lambda: _write(ops.scale(load_adapter(adapter), factor), output, force=force, dtype=dtype, out=out))
+
+
+@cli.command()
+@click.argument("adapter")
+@rank_options
+@output_options
+def resize(
+    adapter: str,
+    rank: int | None,
+    energy: float | None,
+    sv_ratio: float | None,
+    output: Path,
+    force: bool,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Truncate each module to its best low-rank form (SVD of dW, computed from the factors).
+
+    \b
+    Examples:
+      adapterops resize ./big --rank 8 -o ./small
+      adapterops resize ./big --energy 0.99 -o ./small
+      adapterops resize ./big --sv-ratio 20 -o ./small
+    """
+    out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
+    if rank is None and energy is None and sv_ratio is None:
+        raise click.UsageError("give a target: --rank K, --energy F or --sv-ratio R")
+    check_output_path(output.absolute(), force=force)
+
+    def work() -> None:
+        loaded = load_adapter(adapter)
+        with out.progress("resizing", len(loaded.modules)) as advance:
+            result = ops.resize(loaded, rank=rank, energy=energy, sv_ratio=sv_ratio, progress=advance)
+        _write(result, output, force=force, dtype=dtype, out=out)
+
+    _run(out, work)
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(adapter: str, as_json: bool) -> None:
+    """Show an adapter's modules: kind, shape, rank, scale, dtype and update norms.
+
+    \b
+    Examples:
+      adapterops info ./style-a
+      adapterops info org/style-b@v2 --json | jq '.modules[0]'
+    """
+    out = Output(as_json=as_json)
+    report = describe(load_adapter(adapter))
+    if as_json:
+        out.json(report)
+        return
+    from adapterops.info import render
+
+    render(report, out.out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="adapterops")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,79 @@
+"""Resolve adapter and checkpoint references: a local directory, or a Hub id ``org/name[@revision]``.
+
+Hub downloads go through huggingface_hub, so its cache, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE
+behave as everywhere else. Only the files an operation needs are fetched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterops.errors import HubError, NotFoundError
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference made local: ``path`` exists; ``repo_id``/``revision`` are set for Hub ids."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None  # the commit sha the Hub resolved the requested revision to
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``"org/name@rev"`` -> ``("org/name", "rev")``; None when ``spec`` cannot be a Hub id.
+
+    A namespace is required: adapters live in user or org repos, and a bare word is far more
+    often a mistyped local path than a legacy un-namespaced repo.
+    """
+    match = _HUB_ID.match(spec)
+    if match is None or spec.startswith((".", "~")) or ".." in spec:
+        return None
+    return match["repo"], match["revision"]
+
+
+def resolve(spec: str | Path, allow_patterns: Sequence[str], what: str = "adapter") -> Resolved:
+    """A local directory as it is, or a Hub snapshot of the files matching ``allow_patterns``."""
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise NotFoundError(f"{local} is a file; pass the {what} directory that contains it")
+        return Resolved(path=local)
+    hub = parse_hub_id(str(spec))
+    if hub is None:
+        raise NotFoundError(f"{spec}: no such {what} directory")
+    repo_id, revision = hub
+    return _snapshot(repo_id, revision, allow_patterns, what, str(spec))
+
+
+def _snapshot(repo_id: str, revision: str | None, patterns: Sequence[str], what: str, spec: str) -> Resolved:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns)))
+    except hub_errors.RevisionNotFoundError as exc:
+        raise NotFoundError(
+            f"{spec}: the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag or commit"
+        ) from exc
+    except hub_errors.RepositoryNotFoundError as exc:
+        raise NotFoundError(
+            f"{spec}: no local {what} directory of that name and no Hub repo {repo_id} "
+            "(or it is private: log in with `hf auth login` or set HF_TOKEN)"
+        ) from exc
+    except hub_errors.LocalEntryNotFoundError as exc:
+        raise HubError(
+            f"{spec}: no local {what} directory of that name, and the Hub repo {repo_id} is not in the local "
+            "cache while the Hub cannot be reached (offline or HF_HUB_OFFLINE=1); fix the path, or connect"
+        ) from exc
+    except hub_errors.HfHubHTTPError as exc:
+        raise HubError(f"{spec}: the Hub refused the download: {exc}") from exc
+    except OSError as exc:
+        raise HubError(f"{spec}: could not reach the Hub ({exc}); check the network or set HF_HUB_OFFLINE=1") from exc
+    # snapshot folders are named after the commit the revision resolved to
+    return Resolved(path=folder, repo_id=repo_id, revision=folder.name)
