@@ -240,7 +240,12 @@ def _combine_module(
             f"({min(shape)}); choose --rank {min(shape)} or less"
         )
     factored = svd_of_product(B_cat, A_cat)
-    k = policy.choose(factored.S, shape)
+    reference = max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(coeffs, As, Bs, strict=True))
+    k = policy.choose(factored.S, shape, reference)
+    if k == 0:
+        # zero to rounding (terms cancel): a rank-1 zero update keeps the module loadable by PEFT
+        zero_A, zero_B = torch.zeros_like(A_cat[:1]), torch.zeros_like(B_cat[:, :1])
+        return _finish(first, zero_A, zero_B, bias), ModuleReport(first.name, rank_in, 1)
     if method is Method.EXACT and k == rank_in:
         # already full rank: the concatenation is exact and avoids re-factoring round-off
         return _finish(first, A_cat, B_cat, bias), ModuleReport(first.name, rank_in, rank_in)

@@ -58,25 +58,35 @@ class RankPolicy:
             return f"sv_ratio {self.sv_ratio}"
         return "numerical rank"
 
-    def choose(self, S: torch.Tensor, shape: tuple[int, int]) -> int:
-        """Number of singular values to keep from the descending ``S`` of an ``shape`` matrix; >= 1."""
-        if S.numel() == 0 or float(S[0]) == 0.0:
-            return 1
+    def choose(self, S: torch.Tensor, shape: tuple[int, int], reference: float | None = None) -> int:
+        """Number of singular values to keep from the descending ``S`` of a ``shape`` matrix.
+
+        ``reference`` is the size of the terms the matrix was summed from (see ``numerical_rank``).
+        Returns 0 only when the matrix is zero to rounding.
+        """
+        if S.numel() == 0 or numerical_rank(S, shape, reference) == 0:
+            return 0
         if self.rank is not None:
-            return max(1, min(self.rank, S.numel()))
+            return min(self.rank, S.numel())
         if self.energy is not None:
             sq = S.double() ** 2
             reached = torch.cumsum(sq, 0) >= self.energy * float(sq.sum()) * (1 - 1e-12)
             return int(torch.nonzero(reached)[0]) + 1
         if self.sv_ratio is not None:
             return max(1, int((S >= S[0] / self.sv_ratio).sum()))
-        return numerical_rank(S, shape)
+        return max(1, numerical_rank(S, shape, reference))
 
 
-def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
-    """Count of singular values above max(shape) * eps * S_0, the usual rounding threshold."""
-    tol = max(shape) * torch.finfo(S.dtype).eps * float(S[0])
-    return max(1, int((S > tol).sum()))
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int], reference: float | None = None) -> int:
+    """Count of singular values above max(shape) * eps * max(S_0, reference).
+
+    ``reference`` should be the norm of the largest term of a sum: when terms cancel, S_0 itself is
+    rounding noise and must not set the threshold.
+    """
+    if S.numel() == 0:
+        return 0
+    tol = max(shape) * torch.finfo(S.dtype).eps * max(float(S[0]), reference or 0.0)
+    return int((S > tol).sum())
 
 
 @dataclass(frozen=True)
