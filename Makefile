@@ -7,8 +7,8 @@ setup:
 
 test: setup
 	$(PY) -m pytest -q
-	$(PY) -m ruff check adapterops tests bench
-	$(PY) -m ruff format --check adapterops tests bench
+	$(PY) -m ruff check adapterops tests bench scripts
+	$(PY) -m ruff format --check adapterops tests bench scripts
 	$(PY) -m mypy
 
 example: setup

@@ -23,7 +23,12 @@ from adapterops.io import load_adapter
 from adapterops.io.atomic import check_output_path
 from adapterops.ops import combine as ops
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 class Group(click.Group):
@@ -61,7 +66,9 @@ def cli() -> None:
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """-o/--output, --force, --dtype, --json, --quiet, --verbose for every verb that writes an adapter."""
     options = [
-        click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."),
+        click.option(
+            "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
+        ),
         click.option("--force", is_flag=True, help="Replace the output directory if it exists."),
         click.option(
             "--dtype",
@@ -108,7 +115,13 @@ def _load_all(refs: Sequence[str], out: Output) -> list[Adapter]:
 
 
 def _write(
-    adapter: Adapter, output: Path, *, force: bool, dtype: str, out: Output, extra: dict[str, Any] | None = None
+    adapter: Adapter,
+    output: Path,
+    *,
+    force: bool,
+    dtype: str,
+    out: Output,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Save with provenance (command, version, summary) and print the summary."""
     summary = summarize(adapter.report)
@@ -198,7 +211,12 @@ def _numbers(text: str) -> list[str] | None:
     "rank-K form (needs --rank/--energy/--sv-ratio). linear: PEFT's approximation.",
 )
 @rank_options
-@click.option("--allow-different-bases", "force_bases", is_flag=True, help="Combine adapters whose configs name different base models.")
+@click.option(
+    "--allow-different-bases",
+    "force_bases",
+    is_flag=True,
+    help="Combine adapters whose configs name different base models.",
+)
 @output_options
 def combine(
     adapters: tuple[str, ...],
@@ -247,7 +265,9 @@ def combine(
 @cli.command()
 @click.argument("adapter")
 @output_options
-def negate(adapter: str, output: Path, force: bool, dtype: str, as_json: bool, quiet: bool, verbose: bool) -> None:
+def negate(
+    adapter: str, output: Path, force: bool, dtype: str, as_json: bool, quiet: bool, verbose: bool
+) -> None:
     """Flip an adapter's update: dW -> -dW (lora_B changes sign, nothing else).
 
     \b
@@ -264,7 +284,14 @@ def negate(adapter: str, output: Path, force: bool, dtype: str, as_json: bool, q
 @click.option("--by", "factor", type=float, required=True, help="The factor F in dW -> F dW.")
 @output_options
 def scale(
-    adapter: str, factor: float, output: Path, force: bool, dtype: str, as_json: bool, quiet: bool, verbose: bool
+    adapter: str,
+    factor: float,
+    output: Path,
+    force: bool,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
     """Multiply an adapter's update by a factor; the factors stay as stored, lora_alpha absorbs it.
 
@@ -274,7 +301,10 @@ def scale(
     """
     out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
     check_output_path(output.absolute(), force=force)
-    _run(out, lambda: _write(ops.scale(load_adapter(adapter), factor), output, force=force, dtype=dtype, out=out))
+    _run(
+        out,
+        lambda: _write(ops.scale(load_adapter(adapter), factor), output, force=force, dtype=dtype, out=out),
+    )
 
 
 @cli.command()

@@ -36,8 +36,8 @@ class Output:
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Any]:
-        """A bar on stderr; yields ``advance(label)``. Silent with --quiet or --json."""
-        if self.quiet or self.as_json or total == 0:
+        """A bar on stderr; yields ``advance(label)``. Shown only on a terminal, never with --quiet or --json."""
+        if self.quiet or self.as_json or total == 0 or not self.err.is_terminal:
             yield lambda _label=None: None
             return
         columns = (
@@ -78,8 +78,10 @@ def summarize(reports: Sequence[ModuleReport]) -> dict[str, Any]:
 def summary_line(summary: dict[str, Any]) -> str:
     if not summary.get("modules"):
         return "0 modules"
-    ranks = summary["rank_min"] if summary["rank_min"] == summary["rank_max"] else (
-        f"{summary['rank_min']}-{summary['rank_max']}"
+    ranks = (
+        summary["rank_min"]
+        if summary["rank_min"] == summary["rank_max"]
+        else (f"{summary['rank_min']}-{summary['rank_max']}")
     )
     text = f"{summary['modules']} modules, rank {ranks}"
     if summary["energy_kept_min"] < 1.0 or summary["rel_error_max"] > 0.0:

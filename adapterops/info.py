@@ -82,5 +82,7 @@ def render(report: dict[str, Any], console: Console) -> None:
     for key, shape in report["full_tensors"].items():
         facts.append(f"stored whole: {key} {'x'.join(map(str, shape))}")
     if report["provenance"]:
-        facts.append(f"made by: {report['provenance'].get('command') or report['provenance'].get('operation')}")
+        facts.append(
+            f"made by: {report['provenance'].get('command') or report['provenance'].get('operation')}"
+        )
     console.print("\n".join(facts), markup=False, highlight=False)

@@ -37,14 +37,26 @@ ZOO: dict[str, Spec] = {
         ),
     ),
     # rsLoRA, other targets, other rank
-    "llama_b": Spec(tiny_llama, 2, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"])),
+    "llama_b": Spec(
+        tiny_llama,
+        2,
+        dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "up_proj"]),
+    ),
     "llama_emb": Spec(tiny_llama, 3, dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])),
     "llama_emb_b": Spec(tiny_llama, 13, dict(r=2, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    "llama_mts": Spec(tiny_llama, 4, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, modules_to_save=["lm_head"])),
-    "llama_bf16": Spec(tiny_llama, 6, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, save_dtype=torch.bfloat16)),
-    "llama_bf16_b": Spec(tiny_llama, 7, dict(r=6, lora_alpha=6, target_modules=LLAMA_ATTN, save_dtype=torch.bfloat16)),
+    "llama_mts": Spec(
+        tiny_llama, 4, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, modules_to_save=["lm_head"])
+    ),
+    "llama_bf16": Spec(
+        tiny_llama, 6, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, save_dtype=torch.bfloat16)
+    ),
+    "llama_bf16_b": Spec(
+        tiny_llama, 7, dict(r=6, lora_alpha=6, target_modules=LLAMA_ATTN, save_dtype=torch.bfloat16)
+    ),
     "llama_dora": Spec(tiny_llama, 8, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, use_dora=True)),
-    "gpt2_a": Spec(tiny_gpt2, 9, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "gpt2_a": Spec(
+        tiny_gpt2, 9, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    ),
     "gpt2_b": Spec(tiny_gpt2, 10, dict(r=2, lora_alpha=2, target_modules=["c_attn"], fan_in_fan_out=True)),
     "gpt2_bias": Spec(
         tiny_gpt2, 5, dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_bias=True)
@@ -64,7 +76,9 @@ class Zoo:
     def __getitem__(self, name: str) -> Path:
         if name not in self.paths:
             spec = ZOO[name]
-            self.paths[name] = make_adapter(spec.factory, self.root / name, seed=spec.seed, **dict(spec.kwargs))
+            self.paths[name] = make_adapter(
+                spec.factory, self.root / name, seed=spec.seed, **dict(spec.kwargs)
+            )
         return self.paths[name]
 
     def factory(self, name: str) -> Callable[..., Any]:

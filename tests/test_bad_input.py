@@ -43,7 +43,9 @@ def edit_tensors(path: Path, change) -> None:
         ("loftq", "modified base weight"),
     ],
 )
-def test_base_modifying_inits_are_refused_with_the_way_out(zoo: Zoo, tmp_path: Path, init: str, message: str) -> None:
+def test_base_modifying_inits_are_refused_with_the_way_out(
+    zoo: Zoo, tmp_path: Path, init: str, message: str
+) -> None:
     path = copy(zoo, "llama_a", tmp_path)
     edit_config(path, init_lora_weights=init)
     with pytest.raises(ao.UnsupportedAdapterError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -69,7 +71,9 @@ def test_configs_that_do_not_match_plain_lora_are_refused(zoo: Zoo, tmp_path: Pa
 def test_nan_in_factors_names_the_module(zoo: Zoo, tmp_path: Path) -> None:
     path = copy(zoo, "llama_a", tmp_path)
     edit_tensors(path, lambda t: t[f"{Q}.lora_B.weight"].__setitem__((0, 0), float("nan")))
-    with pytest.raises(ao.AdapterFormatError, match=r"module model.layers.0.self_attn.q_proj: lora_B contains NaN"):
+    with pytest.raises(
+        ao.AdapterFormatError, match=r"module model.layers.0.self_attn.q_proj: lora_B contains NaN"
+    ):
         ao.load_adapter(path)
 
 
@@ -139,7 +143,9 @@ def test_output_that_exists_is_not_overwritten_without_force(zoo: Zoo, tmp_path:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ao.OutputExistsError, match="already exists; choose another output path or pass --force"):
+    with pytest.raises(
+        ao.OutputExistsError, match="already exists; choose another output path or pass --force"
+    ):
         adapter.save(out)
     assert (out / "keep.txt").read_text() == "mine"
     adapter.save(out, force=True)

@@ -39,8 +39,18 @@ def test_combine_with_space_separated_and_negative_weights(zoo: Zoo, tmp_path: P
 
 def test_json_summary_has_a_line_per_module(zoo: Zoo, tmp_path: Path) -> None:
     code, out, _ = run(
-        "combine", zoo["gpt2_a"], zoo["gpt2_b"], "-w", "1,1", "--method", "svd", "--rank", "2",
-        "-o", tmp_path / "mix", "--json",
+        "combine",
+        zoo["gpt2_a"],
+        zoo["gpt2_b"],
+        "-w",
+        "1,1",
+        "--method",
+        "svd",
+        "--rank",
+        "2",
+        "-o",
+        tmp_path / "mix",
+        "--json",
     )
     assert code == 0
     payload = json.loads(out)
@@ -73,27 +83,47 @@ def test_negate_scale_resize_info(zoo: Zoo, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["combine", "{a}", "{b}", "--weights", "1", "-o", "{out}"], 2,
-         "error: got 1 weights for 2 adapters; give one weight per adapter\n"),
-        (["combine", "{a}", "{gpt2}", "-o", "{out}"], 2,
-         "error: inputs were trained on different base models ({a} -> tiny-llama, {gpt2} -> tiny-gpt2); "
-         "pass --allow-different-bases (force=True) if they share the same architecture\n"),
-        (["combine", "{a}", "{dora}", "-o", "{out}"], 2,
-         "error: {dora}: DoRA adapter (lora_magnitude_vector): its update depends on the base weights, so factor "
-         "arithmetic alone would be wrong; DoRA arithmetic with --base is not available yet\n"),
-        (["resize", "{a}", "--rank", "40", "-o", "{out}"], 2,
-         "error: module model.layers.0.mlp.down_proj: rank 40 exceeds what a 32x64 update can have (32); "
-         "choose --rank 32 or less\n"),
+        (
+            ["combine", "{a}", "{b}", "--weights", "1", "-o", "{out}"],
+            2,
+            "error: got 1 weights for 2 adapters; give one weight per adapter\n",
+        ),
+        (
+            ["combine", "{a}", "{gpt2}", "-o", "{out}"],
+            2,
+            "error: inputs were trained on different base models ({a} -> tiny-llama, {gpt2} -> tiny-gpt2); "
+            "pass --allow-different-bases (force=True) if they share the same architecture\n",
+        ),
+        (
+            ["combine", "{a}", "{dora}", "-o", "{out}"],
+            2,
+            "error: {dora}: DoRA adapter (lora_magnitude_vector): its update depends on the base weights, so factor "
+            "arithmetic alone would be wrong; DoRA arithmetic with --base is not available yet\n",
+        ),
+        (
+            ["resize", "{a}", "--rank", "40", "-o", "{out}"],
+            2,
+            "error: module model.layers.0.mlp.down_proj: rank 40 exceeds what a 32x64 update can have (32); "
+            "choose --rank 32 or less\n",
+        ),
         (["negate", "{missing}", "-o", "{out}"], 3, "error: {missing}: no such adapter directory\n"),
-        (["negate", "{a}", "-o", "{exists}"], 4,
-         "error: {exists} already exists; choose another output path or pass --force to replace it\n"),
+        (
+            ["negate", "{a}", "-o", "{exists}"],
+            4,
+            "error: {exists} already exists; choose another output path or pass --force to replace it\n",
+        ),
     ],
 )
 def test_bad_input_gives_one_line_a_code_and_no_output(zoo: Zoo, tmp_path: Path, args, code, message) -> None:
     (tmp_path / "exists").mkdir()
     names = {
-        "a": zoo["llama_a"], "b": zoo["llama_b"], "gpt2": zoo["gpt2_a"], "dora": zoo["llama_dora"],
-        "out": tmp_path / "out", "missing": tmp_path / "missing", "exists": tmp_path / "exists",
+        "a": zoo["llama_a"],
+        "b": zoo["llama_b"],
+        "gpt2": zoo["gpt2_a"],
+        "dora": zoo["llama_dora"],
+        "out": tmp_path / "out",
+        "missing": tmp_path / "missing",
+        "exists": tmp_path / "exists",
     }
     got_code, out, err = run(*[a.format(**names) for a in args])
     assert (got_code, out, err) == (code, "", message.format(**names))
@@ -103,7 +133,14 @@ def test_bad_input_gives_one_line_a_code_and_no_output(zoo: Zoo, tmp_path: Path,
 def test_force_replaces_and_different_bases_can_be_allowed(zoo: Zoo, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     code, _, err = run(
-        "combine", zoo["llama_a"], zoo["gpt2_a"], "--allow-different-bases", "-o", tmp_path / "out", "--force", "-q"
+        "combine",
+        zoo["llama_a"],
+        zoo["gpt2_a"],
+        "--allow-different-bases",
+        "-o",
+        tmp_path / "out",
+        "--force",
+        "-q",
     )
     assert code == 0
     assert err.startswith("warning: inputs were trained on different base models")
@@ -118,8 +155,19 @@ def test_usage_errors_come_from_click(zoo: Zoo, tmp_path: Path) -> None:
 
 
 def test_linear_warns_that_it_approximates(zoo: Zoo, tmp_path: Path) -> None:
-    code, _, err = run("combine", zoo["gpt2_a"], zoo["gpt2_a"], "-w", "0.5", "0.5", "--method", "linear",
-                       "-o", tmp_path / "lin", "-q")
+    code, _, err = run(
+        "combine",
+        zoo["gpt2_a"],
+        zoo["gpt2_a"],
+        "-w",
+        "0.5",
+        "0.5",
+        "--method",
+        "linear",
+        "-o",
+        tmp_path / "lin",
+        "-q",
+    )
     assert code == 0
     assert err.startswith("warning: method linear is PEFT's approximation, not the weighted sum")
 
@@ -128,5 +176,7 @@ def test_version_and_module_entry_point() -> None:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "adapterops", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "adapterops", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == f"adapterops, version {ao.__version__}"

@@ -83,7 +83,9 @@ def test_svd_output_is_optimal_for_its_rank(zoo: Zoo, tmp_path, a, b) -> None:
         optimal = float(S[k:].pow(2).sum().sqrt())
         error = float(torch.linalg.matrix_norm((got[name] - exact).reshape(matrix.shape)))
         assert error <= optimal * (1 + 1e-4) + 1e-6 * float(S[0]), name
-        assert reports[name].rel_error == pytest.approx(optimal / float(S.pow(2).sum().sqrt()), rel=1e-4, abs=1e-6)
+        assert reports[name].rel_error == pytest.approx(
+            optimal / float(S.pow(2).sum().sqrt()), rel=1e-4, abs=1e-6
+        )
 
 
 def test_forward_pass_of_the_combined_adapter_matches_float64_math(zoo: Zoo, tmp_path) -> None:
@@ -110,7 +112,9 @@ def test_negate_scale_resize_outputs_load_in_peft(zoo: Zoo, tmp_path, name: str)
     ao.negate(adapter).save(tmp_path / "neg")
     close(peft_deltas(zoo.factory(name), tmp_path / "neg"), {n: -d for n, d in ref.items()}, rtol=1e-12)
     ao.scale(adapter, 0.3).save(tmp_path / "scaled")
-    close(peft_deltas(zoo.factory(name), tmp_path / "scaled"), {n: 0.3 * d for n, d in ref.items()}, rtol=1e-12)
+    close(
+        peft_deltas(zoo.factory(name), tmp_path / "scaled"), {n: 0.3 * d for n, d in ref.items()}, rtol=1e-12
+    )
     full_rank = max(m.rank for m in adapter.modules.values())
     ao.resize(adapter, rank=full_rank).save(tmp_path / "same")
     close(peft_deltas(zoo.factory(name), tmp_path / "same"), ref, rtol=1e-5)
@@ -169,7 +173,9 @@ def test_parity_with_peft_add_weighted_adapter(zoo: Zoo, tmp_path) -> None:
                 mine = ao.combine([a, a], weights, **ours)
             peft_name = "peft_linear"
         else:
-            model.add_weighted_adapter(["a", "b"], weights, f"peft_{combination}", combination_type=combination, svd_rank=4)
+            model.add_weighted_adapter(
+                ["a", "b"], weights, f"peft_{combination}", combination_type=combination, svd_rank=4
+            )
             mine = ao.combine([a, b], weights, **ours)
             peft_name = f"peft_{combination}"
         mine.save(tmp_path / combination)
@@ -178,4 +184,7 @@ def test_parity_with_peft_add_weighted_adapter(zoo: Zoo, tmp_path) -> None:
             if hasattr(module, "lora_A") and peft_name in module.lora_A:
                 theirs = module.get_delta_weight(peft_name)
                 scale = float(theirs.abs().max())
-                assert float((got[module_name] - theirs).abs().max()) <= 1e-5 * scale, (combination, module_name)
+                assert float((got[module_name] - theirs).abs().max()) <= 1e-5 * scale, (
+                    combination,
+                    module_name,
+                )

@@ -15,9 +15,13 @@ from adapterops.errors import InvalidInputError, OutputExistsError
 def check_output_path(target: Path, *, force: bool) -> None:
     """Refuse an existing output without ``force``, and a parent folder that does not exist."""
     if target.exists() and not force:
-        raise OutputExistsError(f"{target} already exists; choose another output path or pass --force to replace it")
+        raise OutputExistsError(
+            f"{target} already exists; choose another output path or pass --force to replace it"
+        )
     if target.exists() and not target.is_dir():
-        raise InvalidInputError(f"{target} exists and is not a directory; remove it or choose another output path")
+        raise InvalidInputError(
+            f"{target} exists and is not a directory; remove it or choose another output path"
+        )
     parent = target.parent
     if not parent.is_dir():
         raise InvalidInputError(f"{parent} does not exist; create it first or choose another output path")

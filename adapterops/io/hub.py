@@ -52,8 +52,8 @@ def resolve(spec: str | Path, allow_patterns: Sequence[str], what: str = "adapte
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: Sequence[str], what: str, spec: str) -> Resolved:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
 
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns)))
@@ -74,6 +74,8 @@ def _snapshot(repo_id: str, revision: str | None, patterns: Sequence[str], what:
     except hub_errors.HfHubHTTPError as exc:
         raise HubError(f"{spec}: the Hub refused the download: {exc}") from exc
     except OSError as exc:
-        raise HubError(f"{spec}: could not reach the Hub ({exc}); check the network or set HF_HUB_OFFLINE=1") from exc
+        raise HubError(
+            f"{spec}: could not reach the Hub ({exc}); check the network or set HF_HUB_OFFLINE=1"
+        ) from exc
     # snapshot folders are named after the commit the revision resolved to
     return Resolved(path=folder, repo_id=repo_id, revision=folder.name)

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import AdapterFormatError, NotFoundError, UnsupportedAdapterError
@@ -130,7 +129,9 @@ def check_config(config: Mapping[str, Any], path: Path | str) -> None:
             "save_pretrained(path_initial_model_for_weight_conversion=...)"
         )
     if isinstance(init, str) and init.lower() == "mica":
-        raise UnsupportedAdapterError(f"{path}: init_lora_weights='mica' is a LoRA variant adapterops cannot reproduce")
+        raise UnsupportedAdapterError(
+            f"{path}: init_lora_weights='mica' is a LoRA variant adapterops cannot reproduce"
+        )
     for name, why in _UNSUPPORTED_FIELDS.items():
         if config.get(name):
             raise UnsupportedAdapterError(
@@ -141,21 +142,21 @@ def check_config(config: Mapping[str, Any], path: Path | str) -> None:
 def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """The adapter's tensors, its safetensors metadata and the sha256 of the weights file.
 
-    The file is read once: hashed and parsed from the same bytes.
     """
     st_path, bin_path = directory / SAFETENSORS_NAME, directory / BIN_NAME
     if st_path.is_file():
-        data = st_path.read_bytes()
+        # hash first (sequential read), then parse through mmap: the second pass hits the page cache
+        sha256 = file_sha256(st_path)
         try:
-            tensors = load_safetensors_bytes(data)
-            header_len = int.from_bytes(data[:8], "little")
-            header = json.loads(data[8 : 8 + header_len])
-        except (SafetensorError, ValueError) as exc:
+            with safe_open(str(st_path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterFormatError(
                 f"{st_path}: not a readable safetensors file ({exc}); the download or save was "
                 "probably cut short: fetch or save it again"
             ) from exc
-        return tensors, dict(header.get("__metadata__") or {}), hashlib.sha256(data).hexdigest()
+        return tensors, metadata, sha256
     if bin_path.is_file():
         data = bin_path.read_bytes()
         try:
@@ -171,6 +172,14 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise AdapterFormatError(f"{bin_path}: expected a dict of tensors")
         return dict(tensors), {}, hashlib.sha256(data).hexdigest()
     raise NotFoundError(f"{directory}: no {SAFETENSORS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_adapter(directory: Path, source: Source | None = None) -> Adapter:
@@ -206,7 +215,9 @@ def read_adapter(directory: Path, source: Source | None = None) -> Adapter:
             )
         modules[name] = module
     if not modules:
-        raise AdapterFormatError(f"{where}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight) found")
+        raise AdapterFormatError(
+            f"{where}: no LoRA tensors (keys ending in lora_A.weight / lora_B.weight) found"
+        )
 
     if source is None:
         source = Source(path=str(directory))
@@ -248,7 +259,11 @@ def _build_module(
         )
     if B.shape[1] != A.shape[0]:
         groups = A.shape[0] // max(int(B.shape[1]), 1)
-        hint = f" (a grouped conv, groups={groups}, which PEFT itself cannot merge)" if kind is ModuleKind.CONV else ""
+        hint = (
+            f" (a grouped conv, groups={groups}, which PEFT itself cannot merge)"
+            if kind is ModuleKind.CONV
+            else ""
+        )
         raise UnsupportedAdapterError(
             f"{where}: module {name}: lora_A has rank {A.shape[0]} but lora_B has {B.shape[1]} columns{hint}"
         )
@@ -358,7 +373,9 @@ def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> di
     return out
 
 
-def save_adapter(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+def save_adapter(
+    adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None
+) -> Path:
     """Write ``adapter`` as a PEFT adapter directory at ``path``, atomically.
 
     The directory appears complete or not at all; an existing ``path`` is replaced only with ``force``.
@@ -368,11 +385,10 @@ def save_adapter(adapter: Adapter, path: str | Path, *, force: bool = False, dty
     metadata = {"format": "pt"}
     if adapter.provenance:
         metadata[PROVENANCE_KEY] = json.dumps(adapter.provenance, sort_keys=True)
-    payload = save_safetensors_bytes(adapter_state_dict(adapter, dtype), metadata=metadata)
     with atomic_output_dir(target, force=force) as tmp:
-        (tmp / SAFETENSORS_NAME).write_bytes(payload)
+        save_file(adapter_state_dict(adapter, dtype), tmp / SAFETENSORS_NAME, metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(adapter, config, hashlib.sha256(payload).hexdigest()))
+        (tmp / "README.md").write_text(model_card(adapter, config, file_sha256(tmp / SAFETENSORS_NAME)))
     return target
 
 
@@ -394,9 +410,11 @@ def model_card(adapter: Adapter, config: Mapping[str, Any], sha256: str) -> str:
         if prov.get(key) is not None:
             lines.append(f"- {key}: `{prov[key]}`")
     for item in prov.get("inputs", []):
-        lines.append(f"- input: `{item.get('repo_id') or item.get('path')}`"
-                     + (f" @ `{item['revision']}`" if item.get("revision") else "")
-                     + (f" (sha256 `{item['sha256']}`)" if item.get("sha256") else ""))
+        lines.append(
+            f"- input: `{item.get('repo_id') or item.get('path')}`"
+            + (f" @ `{item['revision']}`" if item.get("revision") else "")
+            + (f" (sha256 `{item['sha256']}`)" if item.get("sha256") else "")
+        )
     if prov.get("summary"):
         lines.append(f"- result: {prov['summary']}")
     lines += [

@@ -144,7 +144,9 @@ def resize(
     policy = RankPolicy(rank=rank, energy=energy, sv_ratio=sv_ratio)
     if policy.is_exact:
         raise InvalidInputError("resize needs a target: --rank K, --energy F or --sv-ratio R")
-    out = combine([adapter], [1.0], method=Method.SVD, rank=rank, energy=energy, sv_ratio=sv_ratio, progress=progress)
+    out = combine(
+        [adapter], [1.0], method=Method.SVD, rank=rank, energy=energy, sv_ratio=sv_ratio, progress=progress
+    )
     provenance = dict(out.provenance or {}, operation="resize")
     provenance.pop("weights", None)
     provenance.pop("method", None)
@@ -219,10 +221,14 @@ def _combine_module(
         # one term: keep the stored factors bit for bit, the weight goes into the scale
         m, c = first, coeffs[0]
         if c == 0:
-            return m.with_factors(m.A, torch.zeros_like(m.B), 1.0, None), ModuleReport(m.name, rank_in, m.rank)
+            return m.with_factors(m.A, torch.zeros_like(m.B), 1.0, None), ModuleReport(
+                m.name, rank_in, m.rank
+            )
         flip = c < 0
         bias_out = None if m.bias is None else (-m.bias if flip else m.bias)
-        return m.with_factors(m.A, -m.B if flip else m.B, abs(c), bias_out), ModuleReport(m.name, rank_in, m.rank)
+        return m.with_factors(m.A, -m.B if flip else m.B, abs(c), bias_out), ModuleReport(
+            m.name, rank_in, m.rank
+        )
 
     if method is Method.LINEAR:
         A, B, rel_error = _linear(first.name, coeffs, As, Bs)
@@ -256,9 +262,7 @@ def _combine_module(
     return _finish(first, A, B, bias), report
 
 
-def _finish(
-    like: LoraModule, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None
-) -> LoraModule:
+def _finish(like: LoraModule, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LoraModule:
     """A scale-1 module with ``like``'s layout, factors rounded once to ``like``'s storage dtype."""
     dtype = like.A.dtype
     return like.with_factors(A.to(dtype), B.to(dtype), 1.0, None if bias is None else bias.to(dtype))
@@ -300,14 +304,14 @@ def _bias(
 
 def _single(operation: str, adapter: Adapter, factor: float) -> Adapter:
     out = combine([adapter], [factor], method=Method.EXACT)
-    provenance = {"operation": operation, "inputs": (out.provenance or {}).get("inputs", [])}
+    provenance: dict[str, Any] = {"operation": operation, "inputs": (out.provenance or {}).get("inputs", [])}
     if operation == "scale":
         provenance["by"] = factor
     return Adapter(out.modules, out.full_tensors, out.config, None, provenance, out.report)
 
 
 def _input_record(adapter: Adapter) -> dict[str, Any]:
-    record = adapter.source.as_dict() if adapter.source else {"path": "<in memory>"}
+    record: dict[str, Any] = adapter.source.as_dict() if adapter.source else {"path": "<in memory>"}
     if adapter.provenance:
         record["made_by"] = adapter.provenance
     return record

@@ -73,7 +73,7 @@ class RankPolicy:
             reached = torch.cumsum(sq, 0) >= self.energy * float(sq.sum()) * (1 - 1e-12)
             return int(torch.nonzero(reached)[0]) + 1
         if self.sv_ratio is not None:
-            return max(1, int((S >= S[0] / self.sv_ratio).sum()))
+            return max(1, int((S[0] / self.sv_ratio <= S).sum()))
         return max(1, numerical_rank(S, shape, reference))
 
 
@@ -86,7 +86,7 @@ def numerical_rank(S: torch.Tensor, shape: tuple[int, int], reference: float | N
     if S.numel() == 0:
         return 0
     tol = max(shape) * torch.finfo(S.dtype).eps * max(float(S[0]), reference or 0.0)
-    return int((S > tol).sum())
+    return int((tol < S).sum())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,190 @@
+"""Benchmark: `adapterops combine --method svd` vs PEFT's add_weighted_adapter(combination_type="svd").
+
+Two synthetic PEFT adapters with Llama-3.1-8B module shapes (hidden 4096, intermediate 14336,
+8 KV heads of 128, 7 targets per layer, r=16, float32 factors) are written to disk. Then:
+
+1. adapterops: the whole 32-layer adapter (224 modules), `adapterops combine a b --weights 0.7 0.3
+   --method svd --rank 16`, run as a subprocess: wall time including Python start, load and save;
+   peak RSS of that process.
+2. PEFT: one decoder layer of the same shapes (PEFT would need the whole 8B base model in memory
+   for all 32 layers), `add_weighted_adapter([...], [0.7, 0.3], combination_type="svd", svd_rank=16)`,
+   timed per layer; its result compared module by module with adapterops' output.
+
+    python bench/bench_combine.py --workdir /tmp/bench-combine [--layers 32] [--peft-layers 1]
+
+Prints a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
+SHAPES = {  # module -> (out, in)
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (KV, HIDDEN),
+    "self_attn.v_proj": (KV, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+}
+RANK = 16
+
+
+def write_adapter(path: Path, layers: int, seed: int) -> None:
+    """A PEFT adapter directory with random factors (B nonzero, as after training)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(layers):
+        for module, (out, inp) in SHAPES.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, inp, generator=gen) / inp**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out, RANK, generator=gen) * 0.01
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "r": RANK,
+        "lora_alpha": 32,
+        "target_modules": sorted({m.split(".")[-1] for m in SHAPES}),
+        "base_model_name_or_path": "meta-llama/Llama-3.1-8B",
+        "task_type": "CAUSAL_LM",
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def run_adapterops(a: Path, b: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of the CLI as a fresh process."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapterops",
+        "combine",
+        str(a),
+        str(b),
+        "--weights",
+        "0.7",
+        "0.3",
+        "--method",
+        "svd",
+        "--rank",
+        str(RANK),
+        "-o",
+        str(out),
+        "--force",
+        "--json",
+    ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        raise RuntimeError("could not measure the child's peak RSS")
+    return wall, peak / 1024
+
+
+def one_layer_model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    )
+    with torch.device("cpu"):
+        return LlamaForCausalLM(config)
+
+
+def run_peft(a: Path, b: Path, layers: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """Seconds per layer for PEFT's svd combination, and its dW per module (layer 0)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = get_peft_model(
+        one_layer_model(),
+        LoraConfig(r=RANK, lora_alpha=32, target_modules=list({m.split(".")[-1] for m in SHAPES})),
+        adapter_name="a",
+    )
+    model.add_adapter(
+        "b", LoraConfig(r=RANK, lora_alpha=32, target_modules=list({m.split(".")[-1] for m in SHAPES}))
+    )
+    for name, path in (("a", a), ("b", b)):
+        tensors = {
+            k: v for k, v in load_file(path / "adapter_model.safetensors").items() if ".layers.0." in k
+        }
+        set_peft_model_state_dict(model, tensors, adapter_name=name)
+    times = []
+    for i in range(layers):
+        start = time.perf_counter()
+        model.add_weighted_adapter(["a", "b"], [0.7, 0.3], f"mix{i}", combination_type="svd", svd_rank=RANK)
+        times.append(time.perf_counter() - start)
+    deltas = {}
+    for name, module in model.base_model.model.named_modules():
+        if hasattr(module, "lora_A") and "mix0" in module.lora_A:
+            deltas[name.removeprefix("model.")] = module.get_delta_weight("mix0").detach()
+    return sum(times) / len(times), deltas
+
+
+def compare(ours_dir: Path, peft_deltas: dict[str, torch.Tensor]) -> float:
+    import adapterops as ao
+
+    ours = ao.load_adapter(ours_dir)
+    worst = 0.0
+    for name, theirs in peft_deltas.items():
+        mine = ours.modules[f"model.{name}"].delta(torch.float32)
+        worst = max(worst, float(torch.linalg.matrix_norm(mine - theirs) / torch.linalg.matrix_norm(mine)))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-combine"))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--peft-layers", type=int, default=1, help="layers to time PEFT on (0 to skip)")
+    args = parser.parse_args()
+    a, b, out = args.workdir / "a", args.workdir / "b", args.workdir / "mix"
+    for path, seed in ((a, 1), (b, 2)):
+        if not (path / "adapter_model.safetensors").exists():
+            write_adapter(path, args.layers, seed)
+    size = (a / "adapter_model.safetensors").stat().st_size / 2**20
+    wall, rss = run_adapterops(a, b, out)
+    runs = [wall] + [run_adapterops(a, b, out)[0] for _ in range(2)]
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(f"adapter size: {size:.0f} MiB each, {args.layers * len(SHAPES)} modules")
+    print(
+        f"adapterops combine --method svd (whole adapter, fresh process): best {min(runs):.2f} s of "
+        f"{', '.join(f'{r:.2f}' for r in runs)}; peak RSS {rss:.0f} MiB"
+    )
+    if args.peft_layers:
+        per_layer, deltas = run_peft(a, b, args.peft_layers)
+        print(
+            f"PEFT add_weighted_adapter svd: {per_layer:.1f} s per layer "
+            f"(x{args.layers} = {per_layer * args.layers:.0f} s for the adapter)"
+        )
+        print(f"max relative Frobenius difference, layer 0: {compare(out, deltas):.2e}")
+
+
+if __name__ == "__main__":
+    main()
