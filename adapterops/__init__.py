@@ -24,8 +24,10 @@ from adapterops.errors import (
     UnsupportedAdapterError,
 )
 from adapterops.io import load_adapter, save_adapter
+from adapterops.merge import MergeResult, merge, unmerge
 from adapterops.ops.combine import ApproximationWarning, Method, combine, negate, resize, scale
 from adapterops.ops.lowrank import RankPolicy
+from adapterops.verify import VerifyReport, verify
 
 __all__ = [
     "Adapter",
@@ -36,6 +38,7 @@ __all__ = [
     "IncompatibleAdaptersError",
     "InvalidInputError",
     "LoraModule",
+    "MergeResult",
     "Method",
     "ModuleKind",
     "ModuleReport",
@@ -44,11 +47,15 @@ __all__ = [
     "RankPolicy",
     "Source",
     "UnsupportedAdapterError",
+    "VerifyReport",
     "__version__",
     "combine",
     "load_adapter",
+    "merge",
     "negate",
     "resize",
     "save_adapter",
     "scale",
+    "unmerge",
+    "verify",
 ]

@@ -366,9 +366,8 @@ def info(adapter: str, as_json: bool) -> None:
     render(report, out.out)
 
 
+from adapterops import cli_merge  # noqa: E402, F401  (registers merge, unmerge, verify)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="adapterops")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

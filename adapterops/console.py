@@ -9,7 +9,15 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
 from adapterops.adapter import ModuleReport
 
@@ -37,21 +45,34 @@ class Output:
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Any]:
         """A bar on stderr; yields ``advance(label)``. Shown only on a terminal, never with --quiet or --json."""
+        with self._bar(description, total, (MofNCompleteColumn(),)) as update:
+            yield lambda label=None: update(1, label)
+
+    @contextmanager
+    def byte_progress(self, description: str, total: int) -> Iterator[Any]:
+        """Like ``progress`` for work measured in bytes; yields ``advance(nbytes, label)``, shows throughput."""
+        with self._bar(
+            description, total, (DownloadColumn(binary_units=True), TransferSpeedColumn())
+        ) as update:
+            yield update
+
+    @contextmanager
+    def _bar(self, description: str, total: int, counters: tuple[Any, ...]) -> Iterator[Any]:
         if self.quiet or self.as_json or total == 0 or not self.err.is_terminal:
-            yield lambda _label=None: None
+            yield lambda _n=0, _label=None: None
             return
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
+            *counters,
             TimeElapsedColumn(),
             TextColumn("{task.fields[item]}", style="dim"),
         )
         with Progress(*columns, console=self.err, transient=True) as bar:
             task = bar.add_task(description, total=total, item="")
 
-            def advance(label: str | None = None) -> None:
-                bar.update(task, advance=1, item=label or "")
+            def advance(n: int = 1, label: str | None = None) -> None:
+                bar.update(task, advance=n, item=label or "")
 
             yield advance
 

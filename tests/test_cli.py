@@ -180,3 +180,30 @@ def test_version_and_module_entry_point() -> None:
         [sys.executable, "-m", "adapterops", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"adapterops, version {ao.__version__}"
+
+
+def test_merge_verify_unmerge_from_the_command_line(zoo: Zoo, tmp_path: Path) -> None:
+    from tests.factories import save_base_checkpoint, tiny_llama
+
+    base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.bfloat16, max_shard_size="20KB")
+    a, b = zoo["llama_a"], zoo["llama_b"]
+    code, out, _ = run(
+        "merge", base, a, b, "--weights", "0.7", "-0.3", "-o", tmp_path / "m", "--dry-run", "--json"
+    )
+    plan = json.loads(out)
+    assert code == 0 and not (tmp_path / "m").exists()
+    assert plan["tensors_updated"] == len(set(ao.load_adapter(a).modules) | set(ao.load_adapter(b).modules))
+    code, out, err = run("merge", base, a, b, "--weights", "0.7", "-0.3", "-o", tmp_path / "m")
+    assert (code, err) == (0, "") and out.startswith(
+        f"wrote {tmp_path / 'm'}: {plan['tensors_updated']} tensors updated"
+    )
+    code, out, _ = run("verify", base, a, b, tmp_path / "m", "-w", "0.7", "-0.3", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["passed"] and report["max_ulp"] <= 0.5
+    code, out, _ = run("verify", base, a, tmp_path / "m")  # wrong adapters: fails, says so
+    assert code == 1 and "FAILED" in out and "changed untouched" in out
+    code, _, _ = run("unmerge", tmp_path / "m", a, b, "-w", "0.7,-0.3", "-o", tmp_path / "back", "-q")
+    assert code == 0 and (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    code, out, err = run("merge", base, zoo["gpt2_a"], "-o", tmp_path / "bad")
+    assert code == 2 and out == "" and err.startswith("error: module transformer.h.0.attn.c_attn: no tensor")
+    assert not (tmp_path / "bad").exists()

@@ -37,7 +37,12 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
-def resolve(spec: str | Path, allow_patterns: Sequence[str], what: str = "adapter") -> Resolved:
+def resolve(
+    spec: str | Path,
+    allow_patterns: Sequence[str],
+    what: str = "adapter",
+    ignore_patterns: Sequence[str] = (),
+) -> Resolved:
     """A local directory as it is, or a Hub snapshot of the files matching ``allow_patterns``."""
     local = Path(spec).expanduser()
     if local.exists():
@@ -48,15 +53,24 @@ def resolve(spec: str | Path, allow_patterns: Sequence[str], what: str = "adapte
     if hub is None:
         raise NotFoundError(f"{spec}: no such {what} directory")
     repo_id, revision = hub
-    return _snapshot(repo_id, revision, allow_patterns, what, str(spec))
+    return _snapshot(repo_id, revision, allow_patterns, ignore_patterns, what, str(spec))
 
 
-def _snapshot(repo_id: str, revision: str | None, patterns: Sequence[str], what: str, spec: str) -> Resolved:
+def _snapshot(
+    repo_id: str, revision: str | None, patterns: Sequence[str], ignore: Sequence[str], what: str, spec: str
+) -> Resolved:
     from huggingface_hub import errors as hub_errors
     from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns)))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(patterns),
+                ignore_patterns=list(ignore) or None,
+            )
+        )
     except hub_errors.RevisionNotFoundError as exc:
         raise NotFoundError(
             f"{spec}: the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag or commit"

@@ -140,9 +140,7 @@ def check_config(config: Mapping[str, Any], path: Path | str) -> None:
 
 
 def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    """The adapter's tensors, its safetensors metadata and the sha256 of the weights file.
-
-    """
+    """The adapter's tensors, its safetensors metadata and the sha256 of the weights file."""
     st_path, bin_path = directory / SAFETENSORS_NAME, directory / BIN_NAME
     if st_path.is_file():
         # hash first (sequential read), then parse through mmap: the second pass hits the page cache
@@ -150,7 +148,7 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         try:
             with safe_open(str(st_path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterFormatError(
                 f"{st_path}: not a readable safetensors file ({exc}); the download or save was "

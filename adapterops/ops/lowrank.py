@@ -91,16 +91,20 @@ def numerical_rank(S: torch.Tensor, shape: tuple[int, int], reference: float | N
 
 @dataclass(frozen=True)
 class Factored:
-    """``B @ A`` as its SVD, in factor form: B = left * sqrt(S), A = sqrt(S) * right^T."""
+    """``B @ A = Qb U diag(S) Vh Qa^T``, kept in pieces so truncation multiplies only k columns."""
 
-    left: torch.Tensor  # (out, R') orthonormal columns
-    S: torch.Tensor  # (R',) descending
-    right_t: torch.Tensor  # (R', in) orthonormal rows
+    Qb: torch.Tensor  # (out, R') orthonormal columns
+    U: torch.Tensor  # (R', K)
+    S: torch.Tensor  # (K,) descending
+    Vh: torch.Tensor  # (K, R'')
+    Qa: torch.Tensor  # (in, R'') orthonormal columns
 
     def truncate(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors (A (k, in), B (out, k)) of the best rank-k approximation; S split evenly."""
         root = self.S[:k].sqrt()
-        return root[:, None] * self.right_t[:k], self.left[:, :k] * root[None, :]
+        B = self.Qb @ (self.U[:, :k] * root[None, :])
+        A = (root[:, None] * self.Vh[:k]) @ self.Qa.T
+        return A, B
 
     def tail_energy(self, k: int) -> float:
         return float((self.S[k:].double() ** 2).sum())
@@ -118,7 +122,7 @@ def svd_of_product(B: torch.Tensor, A: torch.Tensor) -> Factored:
     Qb, Rb = torch.linalg.qr(B)
     Qa, Ra = torch.linalg.qr(A.T)
     U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    return Factored(left=Qb @ U, S=S, right_t=Vh @ Qa.T)
+    return Factored(Qb=Qb, U=U, S=S, Vh=Vh, Qa=Qa)
 
 
 def frobenius_norm_of_product(B: torch.Tensor, A: torch.Tensor) -> float:
@@ -131,8 +135,12 @@ def frobenius_norm_of_product(B: torch.Tensor, A: torch.Tensor) -> float:
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32: never compute in half precision."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """float64, whatever the storage dtype.
+
+    Factor math costs O((out + in) R^2), negligible next to reading and writing the factors, so
+    it can afford float64: the only rounding left in an output is the final cast to its dtype.
+    """
+    return torch.float64
 
 
 def relative(part: float, whole: float) -> float:

@@ -1,0 +1,280 @@
+"""Hugging Face safetensors checkpoints, one tensor at a time.
+
+A checkpoint is a directory with ``model.safetensors``, or shards listed in
+``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file). A safetensors file is
+an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets relative
+to the end of the header, plus an optional ``__metadata__`` of strings), then the tensor bytes.
+
+Reading parses headers only and fetches single tensors with ``os.pread``: no mmap, so a merge's
+resident memory stays about one tensor, not the pages of everything it has read. Writing needs no
+incremental writer from the safetensors package: the output header is known before any tensor is
+computed (same names, dtypes, shapes and offsets as the input), so it is written first and the
+tensor bytes follow in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from adapterops.errors import AdapterFormatError, NotFoundError
+from adapterops.io.hub import resolve
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# weight files in other formats would hold the *unmerged* weights: never copied into an output
+FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a shard: ``begin``/``end`` are offsets into the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def header(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "data_offsets": [self.begin, self.end]}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A safetensors file's layout: its tensors in file order and where their bytes start."""
+
+    path: Path
+    data_start: int
+    entries: tuple[TensorEntry, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def data_size(self) -> int:
+        return self.entries[-1].end if self.entries else 0
+
+
+def read_header(path: Path) -> Shard:
+    """Parse and check a safetensors header: offsets contiguous, in order, within the file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise AdapterFormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        length = int.from_bytes(raw, "little")
+        if length > min(MAX_HEADER, size - 8):
+            raise AdapterFormatError(
+                f"{path}: header length {length} does not fit the file; it is truncated or not safetensors"
+            )
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterFormatError(
+                f"{path}: header is not valid JSON ({exc}); the file is corrupt"
+            ) from exc
+    metadata = header.pop("__metadata__", None) or {}
+    entries = []
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            entry = TensorEntry(name, str(info["dtype"]), tuple(int(d) for d in info["shape"]), begin, end)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterFormatError(f"{path}: header entry {name!r} is malformed ({exc})") from exc
+        if entry.dtype not in DTYPES:
+            raise AdapterFormatError(
+                f"{path}: tensor {name} has dtype {entry.dtype}, which adapterops cannot handle"
+            )
+        entries.append(entry)
+    entries.sort(key=lambda e: e.begin)
+    position = 0
+    for entry in entries:
+        element = torch.empty((), dtype=entry.torch_dtype).element_size()
+        expected = element * _numel(entry.shape)
+        if entry.begin != position or entry.nbytes != expected:
+            raise AdapterFormatError(
+                f"{path}: tensor {entry.name} occupies bytes {entry.begin}-{entry.end}, expected "
+                f"{position}-{position + expected}; the file is corrupt"
+            )
+        position = entry.end
+    data_start = 8 + length
+    if data_start + position != size:
+        raise AdapterFormatError(
+            f"{path}: {size} bytes on disk but the header describes {data_start + position}; the file is "
+            "truncated or was modified: download or save it again"
+        )
+    return Shard(path=path, data_start=data_start, entries=tuple(entries), metadata=dict(metadata))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory: its shards (file order), tensor locations and its config."""
+
+    root: Path
+    shards: tuple[Shard, ...]
+    index: Mapping[str, Any] | None
+    config: Mapping[str, Any]
+    repo_id: str | None = None
+    revision: str | None = None
+
+    def locate(self) -> dict[str, tuple[Shard, TensorEntry]]:
+        return {e.name: (shard, e) for shard in self.shards for e in shard.entries}
+
+    @property
+    def total_size(self) -> int:
+        return sum(shard.data_size for shard in self.shards)
+
+    @property
+    def file_size(self) -> int:
+        return sum(shard.path.stat().st_size for shard in self.shards)
+
+    def describe(self) -> str:
+        return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.root)
+
+    def other_files(self) -> Iterator[Path]:
+        """Files to copy into an output as they are: everything but the weights and their index."""
+        skip = {shard.path.name for shard in self.shards} | {INDEX_NAME}
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root)
+            if path.is_dir() or rel.parts[0].startswith(".") or rel.name in skip:
+                continue
+            if any(rel.match(pattern) for pattern in FOREIGN_WEIGHTS) or rel.suffix == ".safetensors":
+                continue
+            if rel.name.startswith("adapterops_"):  # an earlier merge's record: the new one replaces it
+                continue
+            yield path
+
+
+def open_checkpoint(ref: str | Path) -> Checkpoint:
+    """A local checkpoint directory or a Hub id; reads headers and config, no tensor data."""
+    resolved = resolve(ref, allow_patterns=["*"], what="checkpoint", ignore_patterns=list(FOREIGN_WEIGHTS))
+    root = resolved.path
+    index_path, single_path = root / INDEX_NAME, root / SINGLE_NAME
+    index: dict[str, Any] | None = None
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map: dict[str, str] = dict(index["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise AdapterFormatError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).is_file()]
+        if missing:
+            raise NotFoundError(
+                f"{root}: shard {missing[0]} listed in {INDEX_NAME} is missing; download it again"
+            )
+        shards = tuple(read_header(root / n) for n in names)
+        on_disk = {e.name: s.path.name for s in shards for e in s.entries}
+        if on_disk != weight_map:
+            wrong = sorted(set(on_disk.items()) ^ set(weight_map.items()))[0][0]
+            raise AdapterFormatError(f"{index_path}: weight_map and the shards disagree about tensor {wrong}")
+    elif single_path.is_file():
+        shards = (read_header(single_path),)
+    else:
+        raise NotFoundError(
+            f"{root}: no {SINGLE_NAME} or {INDEX_NAME}; adapterops merges safetensors checkpoints "
+            "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
+        )
+    config_path = root / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return Checkpoint(root, shards, index, config, resolved.repo_id, resolved.revision)
+
+
+def read_tensor(handle: BinaryIO, shard: Shard, entry: TensorEntry, *, pin: bool = False) -> torch.Tensor:
+    """One tensor's bytes with ``os.pread`` into fresh (optionally pinned) memory."""
+    numel = _numel(entry.shape)
+    out = torch.empty(numel, dtype=entry.torch_dtype, pin_memory=pin)
+    view = out.view(torch.uint8).numpy().data if numel else memoryview(b"")
+    done = 0
+    while done < entry.nbytes:
+        n = os.preadv(handle.fileno(), [view[done:]], shard.data_start + entry.begin + done)
+        if n <= 0:
+            raise AdapterFormatError(f"{shard.path}: unexpected end of file reading {entry.name}")
+        done += n
+    return out.reshape(entry.shape)
+
+
+class ShardWriter:
+    """Writes a safetensors file whose header is fixed up front; tensors then arrive in order."""
+
+    def __init__(self, path: Path, entries: tuple[TensorEntry, ...], metadata: Mapping[str, str]) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        header.update({e.name: e.header() for e in entries})
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        self.path = path
+        self.handle = path.open("wb")
+        self.handle.write(len(raw).to_bytes(8, "little") + raw)
+        self.data_start = 8 + len(raw)
+        self.expected = iter(entries)
+
+    def write(self, entry: TensorEntry, tensor: torch.Tensor) -> None:
+        self._check_position(entry)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            self.handle.write(data.view(torch.uint8).numpy().data)
+
+    def copy(self, entry: TensorEntry, source: BinaryIO, shard: Shard) -> None:
+        """The input's bytes for ``entry`` as they are, copied by the kernel where it can."""
+        self._check_position(entry)
+        self.handle.flush()
+        remaining, offset = entry.nbytes, shard.data_start + entry.begin
+        while remaining:
+            try:
+                n = os.copy_file_range(source.fileno(), self.handle.fileno(), remaining, offset)
+            except OSError:
+                n = 0
+            if n <= 0:  # no kernel copy on this filesystem: plain reads
+                chunk = os.pread(source.fileno(), min(remaining, 1 << 24), offset)
+                self.handle.write(chunk)
+                n = len(chunk)
+            else:
+                self.handle.seek(0, os.SEEK_END)
+            remaining -= n
+            offset += n
+
+    def _check_position(self, entry: TensorEntry) -> None:
+        expected = next(self.expected)
+        if expected.name != entry.name or self.handle.tell() != self.data_start + entry.begin:
+            raise RuntimeError(f"{self.path}: wrote {entry.name} out of order (expected {expected.name})")
+
+    def close(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
