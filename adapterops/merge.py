@@ -366,6 +366,7 @@ def execute(
         )
     record_json = json.dumps(plan.record, sort_keys=True)
     norms_out: dict[str, torch.Tensor] = {}
+    workspace = apply.Workspace()
     written = 0
     with atomic_output_dir(target, force=force) as tmp:
         for path in plan.checkpoint.other_files():
@@ -373,7 +374,7 @@ def execute(
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, destination)
         for shard in plan.checkpoint.shards:
-            written += _write_shard(plan, shard, tmp, dev, record_json, norms_out, progress)
+            written += _write_shard(plan, shard, tmp, dev, record_json, norms_out, workspace, progress)
         if plan.checkpoint.index is not None:
             index = dict(plan.checkpoint.index)
             index["metadata"] = {
@@ -405,6 +406,7 @@ def _write_shard(
     device: torch.device,
     record_json: str,
     norms_out: dict[str, torch.Tensor],
+    workspace: apply.Workspace,
     progress: Progress | None,
 ) -> int:
     metadata = {**dict(shard.metadata), RECORD_KEY: record_json}
@@ -418,7 +420,7 @@ def _write_shard(
                     writer.copy(entry, source, shard)
                 else:
                     assert tensor is not None  # prefetched for every update
-                    writer.write(entry, _apply(plan, update, tensor, device, norms_out))
+                    writer.write(entry, _apply(plan, update, tensor, device, norms_out, workspace))
                 if progress:
                     progress(entry.nbytes, entry.name)
     finally:
@@ -462,6 +464,7 @@ def _apply(
     tensor: torch.Tensor,
     device: torch.device,
     norms_out: dict[str, torch.Tensor],
+    workspace: apply.Workspace,
 ) -> torch.Tensor:
     sign = 1.0 if plan.direction is Direction.MERGE else -1.0
     if update.replacement is not None:
@@ -479,7 +482,7 @@ def _apply(
         if update.key not in plan.dora_norms:
             raise UnsupportedAdapterError(f"{update.key}: no recorded DoRA row norms; cannot unmerge it")
         return apply.dora_unmerge(tensor, update.dora, plan.dora_norms[update.key], device=device)
-    return apply.add_updates(tensor, update.terms, sign=sign, device=device)
+    return apply.add_updates(tensor, update.terms, sign=sign, device=device, workspace=workspace)
 
 
 # ------------------------------------------------------------------------------------------- public API

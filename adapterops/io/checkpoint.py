@@ -275,6 +275,6 @@ class ShardWriter:
             raise RuntimeError(f"{self.path}: wrote {entry.name} out of order (expected {expected.name})")
 
     def close(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        # no fsync: atomicity comes from the final rename; durability across power loss is the
+        # filesystem's, as for cp
         self.handle.close()

@@ -26,12 +26,32 @@ def math_view(X: torch.Tensor, module: LoraModule) -> torch.Tensor:
     return X.reshape(X.shape[0], -1)
 
 
+class Workspace:
+    """Scratch buffers reused from tensor to tensor: fresh allocations cost a page fault per page,
+    which on a CPU takes longer than the arithmetic itself."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        key = (name, dtype, str(device))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buffer
+        return buffer[:numel].view(tuple(shape))
+
+
 def add_updates(
     W: torch.Tensor,
     terms: Sequence[tuple[float, LoraModule]],
     *,
     sign: float = 1.0,
     device: torch.device | str = "cpu",
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """``W + sign * sum_i c_i dW_i``, correctly rounded to W's dtype (as if computed exactly), on the CPU.
 
@@ -40,7 +60,7 @@ def add_updates(
     computed in float64 throughout.
     """
     if W.dtype in (torch.bfloat16, torch.float16):
-        return _add_updates_rounded(W, terms, sign=sign, device=device)
+        return _add_updates_rounded(W, terms, sign, torch.device(device), workspace or Workspace())
     X = W.to(device=device, dtype=torch.float64, copy=True)
     for weight, module in terms:
         math_view(X, module).addmm_(
@@ -52,61 +72,63 @@ def add_updates(
 
 
 def _add_updates_rounded(
-    W: torch.Tensor, terms: Sequence[tuple[float, LoraModule]], *, sign: float, device: torch.device | str
+    W: torch.Tensor,
+    terms: Sequence[tuple[float, LoraModule]],
+    sign: float,
+    device: torch.device,
+    workspace: Workspace,
 ) -> torch.Tensor:
     """float32 sum, certified element by element, float64 where the certificate fails.
 
-    For X = W + sum_t a_t B_t A_t computed in float32, each element's error is below
-    ``(r_t + 2) u (|a_t| ||B_t[i]|| ||A_t[:, j]|| summed over t + |X_ij|)`` with u = 2^-24
-    (Cauchy-Schwarz bounds sum_k |B_ik A_kj|). Rounding X to the half dtype is then certain unless
-    X lies within that bound of a rounding boundary; those elements (a fraction of a percent) are
-    recomputed exactly enough in float64. The result equals rounding the float64 sum.
+    Computed in float32, X = W + sum_t a_t B_t A_t has an error below
+
+        b_ij = sum_t (r_t + 6) u |a_t| ||B_t[i]|| ||A_t[:, j]||  +  4 u max_j |W_ij|,   u = 2^-24
+
+    (Cauchy-Schwarz bounds sum_k |B_ik A_kj|; the last term covers the additions, since |X_ij| is
+    at most max_j |W_ij| plus the update). b has rank (terms + 1), so X - b and X + b cost one
+    addmm each. Where both round to the same half-precision value, so does the exact sum, and that
+    value is the answer; elsewhere (a fraction of a percent of elements) it is recomputed in
+    float64. The result equals rounding the exact sum once.
     """
     u = 2.0**-24
     first = terms[0][1]
-    W = W.to(device)
-    X = W.to(dtype=torch.float32, copy=True)
+    W = W.to(device, non_blocking=True)
+    X = workspace.get("x", W.shape, torch.float32, device)
+    X.copy_(W)
     M = math_view(X, first)
-    bound = torch.zeros_like(M)
+    # max_j |W_ij|, before the update (amax and amin are vectorized; aminmax and inf-norms are not)
+    row_max = torch.maximum(torch.amax(M, dim=1).abs(), torch.amin(M, dim=1).abs())
+    left = torch.empty(M.shape[0], len(terms) + 1, dtype=torch.float32, device=device)
+    right = torch.ones(len(terms) + 1, M.shape[1], dtype=torch.float32, device=device)
     factors = []
-    for weight, module in terms:
+    for t, (weight, module) in enumerate(terms):
         alpha = sign * weight * module.scale
         B = module.B.to(device=device, dtype=torch.float32)
         A = module.A.to(device=device, dtype=torch.float32)
         M.addmm_(B, A, alpha=alpha)
-        row = torch.linalg.vector_norm(B, dim=1)
-        col = torch.linalg.vector_norm(A, dim=0)
-        bound.addr_(row, col, alpha=(module.rank + 2) * u * abs(alpha))
+        left[:, t] = torch.linalg.vector_norm(B, dim=1) * ((module.rank + 6) * u * abs(alpha))
+        right[t] = torch.linalg.vector_norm(A, dim=0)
         factors.append((alpha, module))
-    bound.add_(M.abs(), alpha=2 * u)
-    Y = X.to(W.dtype)
-    Ym = math_view(Y, first)
-    gap = _half_gap(Ym.float(), W.dtype)
-    doubtful = (M - Ym.float()).abs() + bound >= gap
-    if bool(doubtful.any()):
-        rows, cols = doubtful.nonzero(as_tuple=True)
+    left[:, -1] = row_max * (4 * u)
+
+    Y = torch.empty(W.shape, dtype=W.dtype, device=device)
+    Y.copy_(X)
+    edge = workspace.get("edge", W.shape, torch.float32, device)
+    below = workspace.get("below", W.shape, W.dtype, device)
+    above = workspace.get("above", W.shape, W.dtype, device)
+    torch.addmm(M, left, right, alpha=-1.0, out=math_view(edge, first))
+    below.copy_(edge)
+    torch.addmm(M, left, right, alpha=1.0, out=math_view(edge, first))
+    above.copy_(edge)
+    rows, cols = (math_view(below, first) != math_view(above, first)).nonzero(as_tuple=True)
+    if rows.numel():
         exact = math_view(W, first)[rows, cols].double()
         for alpha, module in factors:
             B = module.B.to(device=device, dtype=torch.float64)[rows]
             A = module.A.to(device=device, dtype=torch.float64)[:, cols]
             exact += alpha * (B * A.T).sum(dim=1)
-        Ym[rows, cols] = round_to(exact, W.dtype)
+        math_view(Y, first)[rows, cols] = round_to(exact, W.dtype)
     return Y.cpu()
-
-
-def _half_gap(Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Distance from each representable ``Y`` to the nearest rounding boundary of ``dtype``.
-
-    Half the spacing, except at powers of two where the spacing below is half the spacing above.
-    """
-    bits = MANTISSA_BITS[dtype]
-    mantissa, exponent = torch.frexp(Y)
-    spacing = torch.ldexp(torch.ones_like(Y), exponent - 1 - bits)
-    at_power_of_two = mantissa.abs() == 0.5
-    half = torch.where(at_power_of_two, spacing / 4, spacing / 2)
-    # below the normal range the spacing is that of the subnormals (frexp of 0 says nothing useful)
-    smallest = torch.finfo(dtype).smallest_normal * 2.0**-bits / 2
-    return torch.where(Y.abs() < torch.finfo(dtype).smallest_normal, torch.full_like(Y, smallest), half)
 
 
 def add_bias_updates(
@@ -186,7 +208,8 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     up = torch.nextafter(x32, torch.tensor(float("inf"), device=x.device)).to(dtype)
     down = torch.nextafter(x32, torch.tensor(float("-inf"), device=x.device)).to(dtype)
     residual = x - x32.double()
-    at_midpoint = up != down  # x32 is exactly halfway between two values of dtype
+    # x32 is exactly halfway between two adjacent values of dtype (both exact in float64)
+    at_midpoint = (up != down) & ((up.double() + down.double()) / 2 == x32.double())
     rounded = x32.to(dtype)
     rounded = torch.where(at_midpoint & (residual > 0), up, rounded)
     return torch.where(at_midpoint & (residual < 0), down, rounded)
