@@ -433,26 +433,29 @@ def _prefetched(
 ) -> Iterator[tuple[TensorEntry, torch.Tensor | None]]:
     """Entries in file order, with the tensors to update read ahead by one thread (two in flight)."""
     wanted = [e for e in shard.entries if e.name in updates]
+    # three reusable read buffers: one being computed on, two read ahead (entry k uses slot k % 3)
+    size = max((e.nbytes for e in wanted), default=0)
+    slots = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(3 if wanted else 0)]
 
-    def read(entry: TensorEntry) -> torch.Tensor:  # pread: no shared file offset with the copies
-        return read_tensor(source, shard, entry, pin=pin)
+    def read(k: int, entry: TensorEntry) -> torch.Tensor:  # pread: no shared file offset with the copies
+        return read_tensor(source, shard, entry, into=slots[k % 3])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-read") as pool:
         pending: dict[str, Future[torch.Tensor]] = {}
-        queue = iter(wanted)
+        queue = iter(enumerate(wanted))
 
         def top_up() -> None:
             while len(pending) < 2:
                 nxt = next(queue, None)
                 if nxt is None:
                     return
-                pending[nxt.name] = pool.submit(read, nxt)
+                pending[nxt[1].name] = pool.submit(read, *nxt)
 
         top_up()
         for entry in shard.entries:
             if entry.name in updates:
                 tensor = pending.pop(entry.name).result()
-                top_up()
+                top_up()  # reads k+1 and k+2 while k is computed: three distinct slots
                 yield entry, tensor
             else:
                 yield entry, None

@@ -216,10 +216,16 @@ def open_checkpoint(ref: str | Path) -> Checkpoint:
     return Checkpoint(root, shards, index, config, resolved.repo_id, resolved.revision)
 
 
-def read_tensor(handle: BinaryIO, shard: Shard, entry: TensorEntry, *, pin: bool = False) -> torch.Tensor:
-    """One tensor's bytes with ``os.pread`` into fresh (optionally pinned) memory."""
+def read_tensor(
+    handle: BinaryIO, shard: Shard, entry: TensorEntry, *, pin: bool = False, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One tensor's bytes with ``os.pread``, into ``into`` (a uint8 buffer at least ``entry.nbytes``
+    long, reused by the caller) or fresh, optionally pinned, memory."""
     numel = _numel(entry.shape)
-    out = torch.empty(numel, dtype=entry.torch_dtype, pin_memory=pin)
+    if into is not None:
+        out = into[: entry.nbytes].view(entry.torch_dtype)
+    else:
+        out = torch.empty(numel, dtype=entry.torch_dtype, pin_memory=pin)
     view = out.view(torch.uint8).numpy().data if numel else memoryview(b"")
     done = 0
     while done < entry.nbytes:

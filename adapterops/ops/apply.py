@@ -111,7 +111,7 @@ def _add_updates_rounded(
         factors.append((alpha, module))
     left[:, -1] = row_max * (4 * u)
 
-    Y = torch.empty(W.shape, dtype=W.dtype, device=device)
+    Y = workspace.get("y", W.shape, W.dtype, device)  # valid until the next call with this workspace
     Y.copy_(X)
     edge = workspace.get("edge", W.shape, torch.float32, device)
     below = workspace.get("below", W.shape, W.dtype, device)
