@@ -295,6 +295,10 @@ def test_a_killed_merge_leaves_nothing_at_the_output_and_a_rerun_works(zoo: Zoo,
     assert any(p.name.startswith(".merged.tmp-") for p in tmp_path.iterdir())  # it was mid-write
     ao.merge(bases["llama_bf16"], [zoo["llama_a"]], out=out)
     assert ao.verify(bases["llama_bf16"], [zoo["llama_a"]], out).ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "merged",
+        "started",
+    ]  # the dead run's leftovers went
 
 
 @pytest.mark.gpu

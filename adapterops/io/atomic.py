@@ -27,6 +27,27 @@ def check_output_path(target: Path, *, force: bool) -> None:
         raise InvalidInputError(f"{parent} does not exist; create it first or choose another output path")
 
 
+def _remove_stale(target: Path) -> None:
+    """Temporary siblings left by runs that were killed (their process is gone) take disk: remove them."""
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            pid = int(path.name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success it becomes ``target``.
@@ -35,6 +56,7 @@ def atomic_output_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
     """
     target = Path(target).absolute()
     check_output_path(target, force=force)
+    _remove_stale(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
