@@ -314,3 +314,34 @@ def test_cuda_merge_equals_cpu_merge(zoo: Zoo, bases, tmp_path) -> None:
     for key in cpu:
         steps = (cpu[key].double() - gpu[key].double()).abs() / ao_ulp(cpu[key].double(), cpu[key].dtype)
         assert float(steps.max()) <= 1.0, key
+
+
+def test_base_from_the_hub_and_tied_lm_head(zoo: Zoo, fake_hub, tmp_path) -> None:
+    from functools import partial
+
+    from tests.factories import make_adapter, tiny_llama
+
+    fake_hub.add_repo(
+        "org/tiny-llama", save_base_checkpoint(tiny_llama, tmp_path / "base", max_shard_size=SHARD)
+    )
+    ao.merge("org/tiny-llama", [zoo["llama_a"]], out=tmp_path / "merged")
+    assert ao.verify(tmp_path / "base", [zoo["llama_a"]], tmp_path / "merged").ok
+    record = json.loads((tmp_path / "merged" / RECORD_NAME).read_text())
+    assert record["merged"][0]["sha256"] == ao.load_adapter(zoo["llama_a"]).source.sha256
+
+    tied = partial(tiny_llama, tie_word_embeddings=True)
+    tied.__name__ = "tiny_llama_tied"  # type: ignore[attr-defined]
+    base = save_base_checkpoint(tied, tmp_path / "tied")
+    head = make_adapter(tied, tmp_path / "head", seed=3, r=2, target_modules=["lm_head"])
+    with pytest.raises(ao.UnsupportedAdapterError, match="ties lm_head to the input embedding"):
+        ao.merge(base, [head], out=tmp_path / "x")
+
+
+def test_not_enough_disk_space_is_refused_before_writing(zoo: Zoo, bases, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    with pytest.raises(ao.InvalidInputError, match=r"GiB free but the output needs .* free space or choose"):
+        ao.merge(bases["llama_bf16"], [zoo["llama_a"]], out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
