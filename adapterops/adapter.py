@@ -114,6 +114,8 @@ class ModuleReport:
     rank_out: int
     energy_kept: float = 1.0
     rel_error: float = 0.0
+    solver: str = "factors"  # factors (QR of the factors), dense (full SVD), randomized (subspace iteration)
+    seconds: float = 0.0  # time spent on this module, where an operation measures it
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -217,6 +217,7 @@ def _numbers(text: str) -> list[str] | None:
     is_flag=True,
     help="Combine adapters whose configs name different base models.",
 )
+@click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
 @output_options
 def combine(
     adapters: tuple[str, ...],
@@ -226,6 +227,7 @@ def combine(
     energy: float | None,
     sv_ratio: float | None,
     force_bases: bool,
+    base: str | None,
     output: Path,
     force: bool,
     dtype: str,
@@ -240,6 +242,7 @@ def combine(
       adapterops combine ./style-a ./style-b --weights 0.7 0.3 -o ./mix
       adapterops combine a b c --weights 0.5 -0.4 1.2 --method svd --rank 16 -o ./mix16
       adapterops combine org/a@v2 org/b -w 1 -w 1 --method cat -o ./both
+      adapterops combine ./dora-a ./lora-b --weights 0.6 0.4 --base ./base -o ./mix
     """
     out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
     check_output_path(output.absolute(), force=force)
@@ -256,6 +259,7 @@ def combine(
                 sv_ratio=sv_ratio,
                 force=force_bases,
                 progress=advance,
+                base=base,
             )
         _write(result, output, force=force, dtype=dtype, out=out)
 
@@ -264,28 +268,46 @@ def combine(
 
 @cli.command()
 @click.argument("adapter")
+@click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
 @output_options
 def negate(
-    adapter: str, output: Path, force: bool, dtype: str, as_json: bool, quiet: bool, verbose: bool
+    adapter: str,
+    base: str | None,
+    output: Path,
+    force: bool,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
 ) -> None:
     """Flip an adapter's update: dW -> -dW (lora_B changes sign, nothing else).
 
+    A DoRA input needs --base; its effective update is negated and re-factored as a LoRA.
+
     \b
-    Example:
+    Examples:
       adapterops negate ./toxic -o ./anti-toxic
+      adapterops negate ./dora --base ./base -o ./anti
     """
     out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
     check_output_path(output.absolute(), force=force)
-    _run(out, lambda: _write(ops.negate(load_adapter(adapter)), output, force=force, dtype=dtype, out=out))
+    _run(
+        out,
+        lambda: _write(
+            ops.negate(load_adapter(adapter), base=base), output, force=force, dtype=dtype, out=out
+        ),
+    )
 
 
 @cli.command()
 @click.argument("adapter")
 @click.option("--by", "factor", type=float, required=True, help="The factor F in dW -> F dW.")
+@click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
 @output_options
 def scale(
     adapter: str,
     factor: float,
+    base: str | None,
     output: Path,
     force: bool,
     dtype: str,
@@ -303,7 +325,9 @@ def scale(
     check_output_path(output.absolute(), force=force)
     _run(
         out,
-        lambda: _write(ops.scale(load_adapter(adapter), factor), output, force=force, dtype=dtype, out=out),
+        lambda: _write(
+            ops.scale(load_adapter(adapter), factor, base=base), output, force=force, dtype=dtype, out=out
+        ),
     )
 
 
@@ -347,17 +371,21 @@ def resize(
 
 @cli.command()
 @click.argument("adapter")
+@click.option(
+    "--base", help="Base checkpoint: adds DoRA magnitudes against base row norms and effective update norms."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(adapter: str, as_json: bool) -> None:
+def info(adapter: str, base: str | None, as_json: bool) -> None:
     """Show an adapter's modules: kind, shape, rank, scale, dtype and update norms.
 
     \b
     Examples:
       adapterops info ./style-a
       adapterops info org/style-b@v2 --json | jq '.modules[0]'
+      adapterops info ./dora --base ./base
     """
     out = Output(as_json=as_json)
-    report = describe(load_adapter(adapter))
+    report = describe(load_adapter(adapter), base=base)
     if as_json:
         out.json(report)
         return
@@ -366,7 +394,7 @@ def info(adapter: str, as_json: bool) -> None:
     render(report, out.out)
 
 
-from adapterops import cli_merge  # noqa: E402, F401  (registers merge, unmerge, verify)
+from adapterops import cli_dora, cli_merge  # noqa: E402, F401  (register their commands)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,8 +12,17 @@ from adapterops.adapter import Adapter
 from adapterops.ops.lowrank import compute_dtype, frobenius_norm_of_product
 
 
-def describe(adapter: Adapter) -> dict[str, Any]:
-    """A JSON-ready description. ||dW||_F comes from the factors (QR of B and A^T), never dense."""
+def describe(adapter: Adapter, base: Any = None) -> dict[str, Any]:
+    """A JSON-ready description. ||dW||_F comes from the factors (QR of B and A^T), never dense.
+
+    With ``base``, each module also gets its base weight's norm, and DoRA modules the ratio of
+    their magnitude to the base row norms and the norm of their effective update.
+    """
+    weights = None
+    if base is not None:
+        from adapterops.base import BaseWeights
+
+        weights = BaseWeights(base)
     modules = []
     for name, m in adapter.modules.items():
         dtype = compute_dtype(m.A, m.B)
@@ -31,6 +40,7 @@ def describe(adapter: Adapter) -> dict[str, Any]:
                 "norm_delta": abs(m.scale) * frobenius_norm_of_product(B, A),
                 "dora": m.is_dora,
                 "bias": m.bias is not None,
+                **(_against_base(weights, m, adapter) if weights is not None else {}),
             }
         )
     params = sum(m.A.numel() + m.B.numel() for m in adapter.modules.values())
@@ -48,11 +58,37 @@ def describe(adapter: Adapter) -> dict[str, Any]:
     }
 
 
+def _against_base(weights: Any, module: Any, adapter: Adapter) -> dict[str, Any]:
+    from adapterops.ops.dora import effective_delta
+
+    module = weights.resolve(module)
+    W = weights.weight(module, adapter)
+    row = torch.linalg.vector_norm(W, dim=1)
+    facts: dict[str, Any] = {"norm_base": float(torch.linalg.matrix_norm(W))}
+    if module.magnitude is not None:
+        ratio = module.magnitude.double() / row
+        facts.update(magnitude_over_base_min=float(ratio.min()), magnitude_over_base_max=float(ratio.max()))
+    facts["norm_delta_effective"] = float(torch.linalg.matrix_norm(effective_delta(W, module)))
+    return facts
+
+
 def render(report: dict[str, Any], console: Console) -> None:
     table = Table(title=report["source"]["path"] if report["source"] else None, title_justify="left")
-    for column in ("module", "kind", "shape", "r", "scale", "dtype", "‖A‖", "‖B‖", "‖ΔW‖"):
+    with_base = any("norm_base" in m for m in report["modules"])
+    columns = ["module", "kind", "shape", "r", "scale", "dtype", "‖A‖", "‖B‖", "‖ΔW‖"]
+    if with_base:
+        columns += ["‖W‖", "‖ΔW_eff‖", "m / ‖W‖row"]
+    for column in columns:
         table.add_column(column, justify="left" if column in ("module", "kind", "dtype") else "right")
     for m in report["modules"]:
+        extra = []
+        if with_base:
+            ratio = (
+                f"{m['magnitude_over_base_min']:.3f}-{m['magnitude_over_base_max']:.3f}"
+                if "magnitude_over_base_min" in m
+                else ""
+            )
+            extra = [f"{m['norm_base']:.4g}", f"{m['norm_delta_effective']:.4g}", ratio]
         table.add_row(
             m["name"] + (" (DoRA)" if m["dora"] else ""),
             m["kind"],
@@ -63,6 +99,7 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"{m['norm_A']:.4g}",
             f"{m['norm_B']:.4g}",
             f"{m['norm_delta']:.4g}",
+            *extra,
         )
     console.print(table)
     source = report["source"] or {}

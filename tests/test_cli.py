@@ -98,7 +98,7 @@ def test_negate_scale_resize_info(zoo: Zoo, tmp_path: Path) -> None:
             ["combine", "{a}", "{dora}", "-o", "{out}"],
             2,
             "error: {dora}: DoRA adapter (lora_magnitude_vector): its update depends on the base weights, so factor "
-            "arithmetic alone would be wrong; DoRA arithmetic with --base is not available yet\n",
+            "arithmetic alone would be wrong; pass the base checkpoint (--base)\n",
         ),
         (
             ["resize", "{a}", "--rank", "40", "-o", "{out}"],

@@ -365,7 +365,10 @@ def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> di
             bias = module.bias if module.bias is not None else torch.zeros(module.out_features)
             out[f"{PREFIX}{name}.lora_B.bias"] = bias.to(cast).contiguous()
         if module.magnitude is not None:
-            out[f"{PREFIX}{name}.lora_magnitude_vector"] = module.magnitude.to(cast).contiguous()
+            magnitude = module.magnitude
+            if module.kind is ModuleKind.CONV:  # PEFT keeps conv magnitudes as (1, out, 1, ...)
+                magnitude = magnitude.reshape(1, -1, *(1 for _ in module.kernel_size))
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitude.to(cast).contiguous()
     for name, tensor in adapter.full_tensors.items():
         out[f"{PREFIX}{name}"] = tensor.contiguous()
     return out

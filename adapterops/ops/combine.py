@@ -58,8 +58,12 @@ def combine(
     sv_ratio: float | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    base: Any = None,
 ) -> Adapter:
     """The adapter whose update is ``sum_i weights[i] * dW_i`` for every module (see module docstring).
+
+    DoRA inputs need ``base`` (a checkpoint path, Hub id or ``Checkpoint``): their effective
+    updates are summed densely per module and re-factored (``dora.combine_with_base``).
 
     ``weights`` defaults to 1 for every input. ``rank``/``energy``/``sv_ratio`` choose the output
     rank for ``method="svd"`` (one of them is required there). ``force`` accepts inputs whose
@@ -82,6 +86,21 @@ def combine(
         raise InvalidInputError("method svd needs a target: --rank K, --energy F or --sv-ratio R")
     if method is not Method.SVD and not policy.is_exact:
         raise InvalidInputError(f"--rank/--energy/--sv-ratio apply to method svd, not {method.value}")
+    if base is not None and any(a.is_dora for a in adapters):
+        if method not in (Method.EXACT, Method.SVD):
+            raise InvalidInputError(
+                f"DoRA inputs are combined by SVD of their effective updates, not {method.value}"
+            )
+        from adapterops.dora import combine_with_base
+
+        return combine_with_base(
+            adapters,
+            weights,
+            base,
+            policy=None if policy.is_exact else policy,
+            force=force,
+            progress=progress,
+        )
     _check_inputs(adapters, force)
 
     names = sorted({name for a in adapters for name in a.modules})
@@ -114,17 +133,17 @@ def combine(
     return _result(adapters, modules, reports, provenance)
 
 
-def negate(adapter: Adapter) -> Adapter:
-    """dW -> -dW for every module: B changes sign, nothing else (bit-exact)."""
-    return _single("negate", adapter, -1.0)
+def negate(adapter: Adapter, *, base: Any = None) -> Adapter:
+    """dW -> -dW for every module: B changes sign, nothing else (bit-exact). DoRA needs ``base``."""
+    return _single("negate", adapter, -1.0, base)
 
 
-def scale(adapter: Adapter, by: float) -> Adapter:
+def scale(adapter: Adapter, by: float, *, base: Any = None) -> Adapter:
     """dW -> by * dW for every module: the factor goes into the scale, factors unchanged (a negative
     ``by`` also flips B's sign)."""
     if not math.isfinite(by):
         raise InvalidInputError(f"scale factor must be a finite number, got {by}")
-    return _single("scale", adapter, float(by))
+    return _single("scale", adapter, float(by), base)
 
 
 def resize(
@@ -165,13 +184,21 @@ def _method(method: Method | str) -> Method:
 
 
 def _check_inputs(adapters: Sequence[Adapter], force: bool) -> None:
+    _refuse_dora(adapters)
+    check_bases(adapters, force)
+
+
+def _refuse_dora(adapters: Sequence[Adapter]) -> None:
     for adapter in adapters:
         if adapter.is_dora:
             raise UnsupportedAdapterError(
                 f"{adapter.describe()}: DoRA adapter (lora_magnitude_vector): its update depends on the base "
-                "weights, so factor arithmetic alone would be wrong; DoRA arithmetic with --base is not "
-                "available yet"
+                "weights, so factor arithmetic alone would be wrong; pass the base checkpoint (--base)"
             )
+
+
+def check_bases(adapters: Sequence[Adapter], force: bool) -> None:
+    """Refuse (or, with ``force``, warn about) inputs that name different base models."""
     bases = {_base_identity(a) for a in adapters} - {None}
     if len(bases) > 1:
         listing = ", ".join(f"{a.describe()} -> {_base_identity(a)}" for a in adapters)
@@ -302,9 +329,11 @@ def _bias(
     return total
 
 
-def _single(operation: str, adapter: Adapter, factor: float) -> Adapter:
-    out = combine([adapter], [factor], method=Method.EXACT)
+def _single(operation: str, adapter: Adapter, factor: float, base: Any = None) -> Adapter:
+    out = combine([adapter], [factor], method=Method.EXACT, base=base)
     provenance: dict[str, Any] = {"operation": operation, "inputs": (out.provenance or {}).get("inputs", [])}
+    if (out.provenance or {}).get("base"):
+        provenance["base"] = (out.provenance or {})["base"]
     if operation == "scale":
         provenance["by"] = factor
     return Adapter(out.modules, out.full_tensors, out.config, None, provenance, out.report)
