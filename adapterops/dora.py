@@ -57,7 +57,7 @@ def to_dora(adapter: Adapter, base: BaseRef, *, progress: Progress | None = None
     provenance = {
         "operation": "to-dora",
         "base": weights.checkpoint.describe(),
-        "inputs": [combine_ops._input_record(adapter)],
+        "inputs": [combine_ops.input_record(adapter)],
     }
     report = tuple(ModuleReport(n, m.rank, m.rank) for n, m in modules.items())
     return Adapter(modules, adapter.full_tensors, adapter.config, None, provenance, report)
@@ -124,12 +124,12 @@ def combine_with_base(
     for name in names:
         start = time.perf_counter()
         terms = [(w, a.modules[name], a) for w, a in zip(weights, adapters, strict=True) if name in a.modules]
-        combine_ops._check_same_module(name, [m for _, m, _ in terms], adapters)
+        combine_ops.check_same_module(name, [m for _, m, _ in terms], adapters)
         rank_in = sum(m.rank for _, m, _ in terms)
         if not any(m.is_dora for _, m, _ in terms):
             lora_policy = policy if policy is not None else RankPolicy()
             method = combine_ops.Method.EXACT if lora_policy.is_exact else combine_ops.Method.SVD
-            module, report = combine_ops._combine_module([(w, m) for w, m, _ in terms], method, lora_policy)
+            module, report = combine_ops.combine_module([(w, m) for w, m, _ in terms], method, lora_policy)
         else:
             first = weights_of.resolve(terms[0][1])
             W = weights_of.weight(first, terms[0][2])
@@ -146,7 +146,7 @@ def combine_with_base(
             module = replace(
                 first, A=low.A.to(dtype), B=low.B.to(dtype), scale=1.0, bias=None, magnitude=None
             )
-            bias = combine_ops._bias(
+            bias = combine_ops.bias_sum(
                 [(w, m) for w, m, _ in terms], [w * m.scale for w, m, _ in terms], torch.float64
             )
             module = replace(module, bias=None if bias is None else bias.to(dtype))
@@ -160,11 +160,11 @@ def combine_with_base(
         "method": "dense-svd" if any(a.is_dora for a in adapters) else "exact",
         "weights": weights,
         "base": weights_of.checkpoint.describe(),
-        "inputs": [combine_ops._input_record(a) for a in adapters],
+        "inputs": [combine_ops.input_record(a) for a in adapters],
     }
     if policy is not None:
         provenance.update({k: v for k, v in vars(policy).items() if v is not None})
-    result = combine_ops._result(adapters, modules, reports, provenance)
+    result = combine_ops.result_adapter(adapters, modules, reports, provenance)
     if not math.isfinite(sum(r.rel_error for r in reports)):
         raise InvalidInputError("the result has non-finite values; check the base weights and the magnitudes")
     return result

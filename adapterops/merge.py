@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -116,18 +116,20 @@ def plan_merge(
         )
     located = checkpoint.locate()
     keys = set(located)
-    conv1d = checkpoint.config.get("model_type") in CONV1D_MODEL_TYPES
     tied = bool(checkpoint.config.get("tie_word_embeddings", False))
 
     updates: dict[str, dict[str, Any]] = {}
+
+    def slot_for(key: str) -> dict[str, Any]:
+        return updates.setdefault(key, {"terms": [], "bias_terms": [], "dora": None, "sources": []})
+
     for weight, adapter in zip(weights, adapters, strict=True):
         for module in adapter.modules.values():
-            if conv1d and module.kind is ModuleKind.LINEAR and not module.transposed:
-                module = _as_transposed(module)
+            module = resolve_layout(module, checkpoint)
             key = match_key(module.name, keys, ".weight", checkpoint, tied)
             entry = located[key][1]
-            _check_shape(module, entry, adapter, checkpoint)
-            slot = updates.setdefault(key, {"terms": [], "bias_terms": [], "dora": None, "sources": []})
+            check_shape(module, entry, adapter, checkpoint)
+            slot = slot_for(key)
             slot["sources"].append(adapter.describe())
             if module.is_dora:
                 if len(adapters) > 1 or weight != 1.0 or slot["terms"] or slot["dora"]:
@@ -143,10 +145,9 @@ def plan_merge(
                     )
                 slot["terms"].append((weight, module))
             if module.bias is not None:
-                bias_key = match_key(module.name, keys, ".bias", checkpoint, tied)
-                updates.setdefault(bias_key, {"terms": [], "bias_terms": [], "dora": None, "sources": []})
-                updates[bias_key]["bias_terms"].append((weight, module))
-                updates[bias_key]["sources"].append(adapter.describe())
+                bias_slot = slot_for(match_key(module.name, keys, ".bias", checkpoint, tied))
+                bias_slot["bias_terms"].append((weight, module))
+                bias_slot["sources"].append(adapter.describe())
         for name, tensor in adapter.full_tensors.items():
             module_name, _, leaf = name.replace(".base_layer.", ".").rpartition(".")
             key = match_key(module_name, keys, f".{leaf}", checkpoint, tied)
@@ -163,7 +164,7 @@ def plan_merge(
                     f"{adapter.describe()} carries {name} (modules_to_save): it replaced {key} on merge, and the "
                     "original cannot be recovered from the merged checkpoint; unmerge from a copy of the base instead"
                 )
-            slot = updates.setdefault(key, {"terms": [], "bias_terms": [], "dora": None, "sources": []})
+            slot = slot_for(key)
             if slot.get("replacement") is not None and not torch.equal(slot["replacement"], tensor):
                 raise IncompatibleAdaptersError(
                     f"two adapters carry different replacements (modules_to_save) for {key}"
@@ -224,13 +225,16 @@ def match_key(module: str, keys: set[str], suffix: str, checkpoint: Checkpoint, 
     )
 
 
-def _as_transposed(module: LoraModule) -> LoraModule:
-    from dataclasses import replace
+def resolve_layout(module: LoraModule, checkpoint: Checkpoint) -> LoraModule:
+    """The module with its layout fixed by the checkpoint: GPT-2 style models store linear weights
+    as Conv1D (in x out), whatever the adapter config's fan_in_fan_out says (PEFT corrects it too)."""
+    conv1d = checkpoint.config.get("model_type") in CONV1D_MODEL_TYPES
+    if conv1d and module.kind is ModuleKind.LINEAR and not module.transposed:
+        return replace(module, transposed=True)
+    return module
 
-    return replace(module, transposed=True)
 
-
-def _check_shape(module: LoraModule, entry: TensorEntry, adapter: Adapter, checkpoint: Checkpoint) -> None:
+def check_shape(module: LoraModule, entry: TensorEntry, adapter: Adapter, checkpoint: Checkpoint) -> None:
     if module.weight_shape == entry.shape:
         return
     hint = ""
@@ -491,7 +495,7 @@ def _apply(
 # ------------------------------------------------------------------------------------------- public API
 
 
-def _inputs(
+def load_inputs(
     base: str | Path | Checkpoint, adapters: Sequence[str | Path | Adapter]
 ) -> tuple[Checkpoint, list[Adapter]]:
     from adapterops.io import load_adapter
@@ -517,7 +521,7 @@ def merge(
     ``Adapter`` objects. ``force`` replaces an existing ``out`` and allows merging an adapter the
     base's merge record already lists.
     """
-    checkpoint, loaded = _inputs(base, adapters)
+    checkpoint, loaded = load_inputs(base, adapters)
     plan = plan_merge(checkpoint, loaded, weights, direction=Direction.MERGE, force=force)
     return execute(plan, out, device=device, force=force, progress=progress)
 
@@ -533,6 +537,6 @@ def unmerge(
     progress: Progress | None = None,
 ) -> MergeResult:
     """Write ``merged`` with the adapters' updates taken out again (DoRA needs the merge's record)."""
-    checkpoint, loaded = _inputs(merged, adapters)
+    checkpoint, loaded = load_inputs(merged, adapters)
     plan = plan_merge(checkpoint, loaded, weights, direction=Direction.UNMERGE, force=force)
     return execute(plan, out, device=device, force=force, progress=progress)

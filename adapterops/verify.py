@@ -11,7 +11,7 @@ import torch
 
 from adapterops.adapter import Adapter
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint, read_tensor
-from adapterops.merge import Direction, Update, _inputs, plan_merge
+from adapterops.merge import Direction, Update, load_inputs, plan_merge
 from adapterops.ops import apply
 
 
@@ -72,7 +72,7 @@ def verify(
     progress: Any = None,
 ) -> VerifyReport:
     """Recompute every updated tensor of ``merged`` from ``base`` and the adapters in float64."""
-    checkpoint, loaded = _inputs(base, adapters)
+    checkpoint, loaded = load_inputs(base, adapters)
     result = merged if isinstance(merged, Checkpoint) else open_checkpoint(merged)
     plan = plan_merge(checkpoint, loaded, weights, direction=Direction.MERGE, force=True)
     ours, theirs = checkpoint.locate(), result.locate()

@@ -108,8 +108,8 @@ def combine(
     reports: list[ModuleReport] = []
     for name in names:
         terms = [(w, a.modules[name]) for w, a in zip(weights, adapters, strict=True) if name in a.modules]
-        _check_same_module(name, [m for _, m in terms], adapters)
-        module, report = _combine_module(terms, method, policy)
+        check_same_module(name, [m for _, m in terms], adapters)
+        module, report = combine_module(terms, method, policy)
         modules[name] = module
         reports.append(report)
         if progress:
@@ -125,12 +125,12 @@ def combine(
         "operation": "combine",
         "method": method.value,
         "weights": weights,
-        "inputs": [_input_record(a) for a in adapters],
+        "inputs": [input_record(a) for a in adapters],
         **({"rank": rank} if rank is not None else {}),
         **({"energy": energy} if energy is not None else {}),
         **({"sv_ratio": sv_ratio} if sv_ratio is not None else {}),
     }
-    return _result(adapters, modules, reports, provenance)
+    return result_adapter(adapters, modules, reports, provenance)
 
 
 def negate(adapter: Adapter, *, base: Any = None) -> Adapter:
@@ -218,7 +218,7 @@ def _base_identity(adapter: Adapter) -> str | None:
     return mapping.get("base_model_class") if isinstance(mapping, dict) else None
 
 
-def _check_same_module(name: str, modules: Sequence[LoraModule], adapters: Sequence[Adapter]) -> None:
+def check_same_module(name: str, modules: Sequence[LoraModule], adapters: Sequence[Adapter]) -> None:
     first = modules[0]
     for other in modules[1:]:
         if (other.out_features, other.in_features, other.kind, other.kernel_size) != (
@@ -233,7 +233,7 @@ def _check_same_module(name: str, modules: Sequence[LoraModule], adapters: Seque
             )
 
 
-def _combine_module(
+def combine_module(
     terms: Sequence[tuple[float, LoraModule]], method: Method, policy: RankPolicy
 ) -> tuple[LoraModule, ModuleReport]:
     first = terms[0][1]
@@ -242,7 +242,7 @@ def _combine_module(
     As = [m.A.to(dtype) for _, m in terms]
     Bs = [m.B.to(dtype) for _, m in terms]
     rank_in = sum(a.shape[0] for a in As)
-    bias = _bias(terms, coeffs, dtype)
+    bias = bias_sum(terms, coeffs, dtype)
 
     if len(terms) == 1 and method in (Method.EXACT, Method.CAT):
         # one term: keep the stored factors bit for bit, the weight goes into the scale
@@ -316,7 +316,7 @@ def _linear(
     return A, B, error / exact if exact else 0.0
 
 
-def _bias(
+def bias_sum(
     terms: Sequence[tuple[float, LoraModule]], coeffs: Sequence[float], dtype: torch.dtype
 ) -> torch.Tensor | None:
     """Effective lora_B bias of the sum, sum_i c_i b_i; None when no input has one."""
@@ -339,14 +339,14 @@ def _single(operation: str, adapter: Adapter, factor: float, base: Any = None) -
     return Adapter(out.modules, out.full_tensors, out.config, None, provenance, out.report)
 
 
-def _input_record(adapter: Adapter) -> dict[str, Any]:
+def input_record(adapter: Adapter) -> dict[str, Any]:
     record: dict[str, Any] = adapter.source.as_dict() if adapter.source else {"path": "<in memory>"}
     if adapter.provenance:
         record["made_by"] = adapter.provenance
     return record
 
 
-def _result(
+def result_adapter(
     adapters: Sequence[Adapter],
     modules: Mapping[str, LoraModule],
     reports: Sequence[ModuleReport],
