@@ -34,6 +34,7 @@ from adapterops.io.checkpoint import INDEX_NAME, Checkpoint, Shard, ShardWriter,
 from adapterops.ops import apply
 
 RECORD_NAME = "adapterops_merge.json"
+TORCH_BASELINE_BYTES = 220 * 2**20  # resident after `import torch` (CPU build), measured
 NORMS_NAME = "adapterops_dora_norms.safetensors"
 RECORD_KEY = "adapterops"
 # model types whose linear layers are GPT-2 Conv1D (weight stored in x out), whatever the adapter says
@@ -76,7 +77,11 @@ class MergePlan:
         touched = sum(located[k][1].nbytes for k in self.updates)
         largest = max((located[k][1] for k in self.updates), key=lambda e: e.nbytes, default=None)
         adapter_bytes = sum(m.A.nbytes + m.B.nbytes for a in self.adapters for m in a.modules.values())
-        peak = adapter_bytes + (largest.nbytes // largest.torch_dtype.itemsize * 8 * 2 if largest else 0)
+        # per element of the largest updated tensor: float32 sum and bound (8 bytes), output and two
+        # rounding probes in the stored dtype, three read buffers; plus the adapters and torch itself
+        elements = largest.nbytes // largest.torch_dtype.itemsize if largest else 0
+        itemsize = largest.torch_dtype.itemsize if largest else 0
+        peak = adapter_bytes + elements * (8 + 6 * itemsize) + TORCH_BASELINE_BYTES
         return {
             "operation": self.direction.value,
             "checkpoint": self.checkpoint.describe(),

@@ -205,3 +205,21 @@ def test_cli_to_dora_to_lora_info(bases, doras, zoo: Zoo, tmp_path) -> None:
     modules = json.loads(result.stdout)["modules"]
     assert all(0 < m["magnitude_over_base_min"] <= m["magnitude_over_base_max"] for m in modules)
     assert all(m["norm_delta_effective"] > 0 for m in modules)
+
+
+def test_randomized_solver_widens_until_the_energy_target_is_met() -> None:
+    from adapterops.ops.dora import best_low_rank
+    from adapterops.ops.lowrank import RankPolicy
+
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(400, 300, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))[0]
+    S = 0.97 ** torch.arange(300, dtype=torch.float64)  # slow decay: needs a wide sketch
+    M = (U * S) @ V.T
+    dense = best_low_rank(M, RankPolicy(energy=0.99))
+    sketch = best_low_rank(M, RankPolicy(energy=0.99), exact_limit=10)
+    assert dense.solver == "dense" and sketch.solver in ("randomized", "dense")
+    assert sketch.energy_kept >= 0.99 - 1e-6
+    assert abs(sketch.A.shape[0] - dense.A.shape[0]) <= 2
+    measured = float(torch.linalg.matrix_norm(M - sketch.B @ sketch.A) / torch.linalg.matrix_norm(M))
+    assert sketch.rel_error == pytest.approx(measured, rel=1e-6)

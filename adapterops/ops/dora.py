@@ -50,7 +50,8 @@ def best_low_rank(M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 102
 
     Matrices with min(out, in) <= ``exact_limit`` get a full float64 SVD (exact Eckart-Young).
     Larger ones get a randomized range finder with 4 power iterations in float32 (Halko, Martinsson,
-    Tropp 2011), widened until the target is met; the reported error is then measured exactly.
+    Tropp 2011), widened until the target is met, or replaced by the exact SVD once the sketch would
+    be a quarter of the smaller side wide; the reported error is measured exactly either way.
     """
     out, inp = M.shape
     if policy.rank is not None and policy.rank > min(out, inp):
@@ -69,10 +70,13 @@ def best_low_rank(M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 102
     M32 = M.float()
     while True:
         width = min(width, min(out, inp))
+        if policy.rank is None and 4 * width >= min(out, inp):  # as costly as the exact SVD by now
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            k = _choose(policy, S, total, (out, inp))
+            return _factors(M, U[:, :k], S[:k], Vh[:k], total, "dense")
         U, S, Vh = _randomized_svd(M32, width, generator)
         k = _choose(policy, S, total, (out, inp))
-        enough = k < width - 8 or policy.rank is not None or width == min(out, inp)
-        if enough:
+        if k < width - 8 or policy.rank is not None:
             return _factors(M, U[:, :k].double(), S[:k].double(), Vh[:k].double(), total, "randomized")
         width *= 2
 
