@@ -218,6 +218,13 @@ def _numbers(text: str) -> list[str] | None:
     help="Combine adapters whose configs name different base models.",
 )
 @click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
+@click.option(
+    "--form",
+    type=click.Choice(["lora", "dora"]),
+    default="lora",
+    show_default=True,
+    help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
+)
 @output_options
 def combine(
     adapters: tuple[str, ...],
@@ -228,6 +235,7 @@ def combine(
     sv_ratio: float | None,
     force_bases: bool,
     base: str | None,
+    form: str,
     output: Path,
     force: bool,
     dtype: str,
@@ -243,6 +251,7 @@ def combine(
       adapterops combine a b c --weights 0.5 -0.4 1.2 --method svd --rank 16 -o ./mix16
       adapterops combine org/a@v2 org/b -w 1 -w 1 --method cat -o ./both
       adapterops combine ./dora-a ./lora-b --weights 0.6 0.4 --base ./base -o ./mix
+      adapterops combine ./dora-a ./dora-b --weights 0.5 0.5 --base ./base --form dora -o ./mix
     """
     out = Output(as_json=as_json, quiet=quiet, verbose=verbose)
     check_output_path(output.absolute(), force=force)
@@ -260,6 +269,7 @@ def combine(
                 force=force_bases,
                 progress=advance,
                 base=base,
+                form=form,
             )
         _write(result, output, force=force, dtype=dtype, out=out)
 
@@ -269,10 +279,18 @@ def combine(
 @cli.command()
 @click.argument("adapter")
 @click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
+@click.option(
+    "--form",
+    type=click.Choice(["lora", "dora"]),
+    default="lora",
+    show_default=True,
+    help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
+)
 @output_options
 def negate(
     adapter: str,
     base: str | None,
+    form: str,
     output: Path,
     force: bool,
     dtype: str,
@@ -294,7 +312,7 @@ def negate(
     _run(
         out,
         lambda: _write(
-            ops.negate(load_adapter(adapter), base=base), output, force=force, dtype=dtype, out=out
+            ops.negate(load_adapter(adapter), base=base, form=form), output, force=force, dtype=dtype, out=out
         ),
     )
 
@@ -303,11 +321,19 @@ def negate(
 @click.argument("adapter")
 @click.option("--by", "factor", type=float, required=True, help="The factor F in dW -> F dW.")
 @click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
+@click.option(
+    "--form",
+    type=click.Choice(["lora", "dora"]),
+    default="lora",
+    show_default=True,
+    help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
+)
 @output_options
 def scale(
     adapter: str,
     factor: float,
     base: str | None,
+    form: str,
     output: Path,
     force: bool,
     dtype: str,
@@ -326,7 +352,11 @@ def scale(
     _run(
         out,
         lambda: _write(
-            ops.scale(load_adapter(adapter), factor, base=base), output, force=force, dtype=dtype, out=out
+            ops.scale(load_adapter(adapter), factor, base=base, form=form),
+            output,
+            force=force,
+            dtype=dtype,
+            out=out,
         ),
     )
 

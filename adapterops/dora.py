@@ -168,3 +168,94 @@ def combine_with_base(
     if not math.isfinite(sum(r.rel_error for r in reports)):
         raise InvalidInputError("the result has non-finite values; check the base weights and the magnitudes")
     return result
+
+
+def combine_as_dora(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    base: BaseRef,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Adapter:
+    """``sum_i w_i dW_eff_i`` as a DoRA adapter, exactly (any mix of DoRA and LoRA inputs).
+
+    Per module, with d_i = m_i / n_i for a DoRA input and d_i = 1 for a LoRA input,
+
+        W + sum_i w_i dW_eff_i = g * (W + L),   g = 1 + sum_i w_i (d_i - 1),
+                                               L = sum_i (w_i d_i s_i / g) B_i A_i   (row scalings)
+
+    so the result is a DoRA module with factors [w_i d_i s_i / g * B_i] and [A_i] (rank sum r_i,
+    re-factored to its numerical rank) and magnitude m = g * ||W + L||_row. Exact up to rounding;
+    refused where some row has g = 0 (the result's row would be W-free, not a DoRA row).
+    """
+    adapters = list(adapters)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise InvalidInputError(
+            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
+        )
+    for adapter in adapters:
+        _no_embeddings(adapter, "DoRA output")
+    combine_ops.check_bases(adapters, force)
+    weights_of = _base(base)
+    modules: dict[str, LoraModule] = {}
+    reports: list[ModuleReport] = []
+    for name in sorted({name for a in adapters for name in a.modules}):
+        start = time.perf_counter()
+        terms = [
+            (w, weights_of.resolve(a.modules[name]), a)
+            for w, a in zip(weights, adapters, strict=True)
+            if name in a.modules
+        ]
+        combine_ops.check_same_module(name, [m for _, m, _ in terms], adapters)
+        first = terms[0][1]
+        W = weights_of.weight(first, terms[0][2])
+        ratios = [
+            (m.magnitude.double() / row_norms(W, m))
+            if m.magnitude is not None
+            else torch.ones(W.shape[0], dtype=W.dtype)
+            for _, m, _ in terms
+        ]
+        g = torch.ones(W.shape[0], dtype=W.dtype)
+        for (w, _, _), d in zip(terms, ratios, strict=True):
+            g += w * (d - 1)
+        if bool((g.abs() < 1e-6).any()):
+            row = int(torch.nonzero(g.abs() < 1e-6)[0])
+            raise InvalidInputError(
+                f"module {name}, row {row}: the weights cancel the base weight there (g = 0), which no DoRA "
+                "module can express; use the default LoRA output"
+            )
+        scaled = [
+            (
+                1.0,
+                replace(
+                    m,
+                    B=(w * m.scale * d / g)[:, None] * m.B.double(),
+                    A=m.A.double(),
+                    scale=1.0,
+                    magnitude=None,
+                    bias=None,
+                ),
+            )
+            for (w, m, _), d in zip(terms, ratios, strict=True)
+        ]
+        module, report = combine_ops.combine_module(scaled, combine_ops.Method.EXACT, RankPolicy())
+        dtype = first.A.dtype
+        magnitude = g * row_norms(W, module)
+        modules[name] = replace(
+            module, A=module.A.to(dtype), B=module.B.to(dtype), magnitude=magnitude.to(dtype), bias=None
+        )
+        if any(m.bias is not None for _, m, _ in terms):
+            raise UnsupportedAdapterError(f"module {name}: lora_bias with DoRA output is not supported")
+        reports.append(replace(report, seconds=time.perf_counter() - start))
+        if progress:
+            progress(name)
+    provenance: dict[str, Any] = {
+        "operation": "combine",
+        "method": "dora-exact",
+        "weights": weights,
+        "base": weights_of.checkpoint.describe(),
+        "inputs": [combine_ops.input_record(a) for a in adapters],
+    }
+    return combine_ops.result_adapter(adapters, modules, reports, provenance)

@@ -223,3 +223,47 @@ def test_randomized_solver_widens_until_the_energy_target_is_met() -> None:
     assert abs(sketch.A.shape[0] - dense.A.shape[0]) <= 2
     measured = float(torch.linalg.matrix_norm(M - sketch.B @ sketch.A) / torch.linalg.matrix_norm(M))
     assert sketch.rel_error == pytest.approx(measured, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "conv"])
+def test_dora_output_holds_any_weighted_sum_exactly(zoo: Zoo, bases, doras, tmp_path, family) -> None:
+    """W + sum_i w_i dW_eff_i is a DoRA module of rank sum r_i: PEFT's merge of the output equals it."""
+    lora = {"llama": "llama_a", "gpt2": "gpt2_a", "conv": "conv_a"}[family]
+    inputs, weights = [doras[family], zoo[lora]], [0.7, -0.4]
+    mix = ao.combine([ao.load_adapter(p) for p in inputs], weights, base=bases[family], form="dora")
+    assert mix.is_dora
+    mix.save(tmp_path / "mix")
+    factory = FACTORIES[family]
+    base = factory().double().state_dict()
+    merged = [peft_merged_state_dict(factory, p, dtype=torch.float64) for p in inputs]
+    got = peft_merged_state_dict(factory, tmp_path / "mix", dtype=torch.float64)
+    for key, value in got.items():
+        want = base[key] + sum(w * (m[key] - base[key]) for w, m in zip(weights, merged, strict=True))
+        assert float((value - want).abs().max()) <= 1e-6 * max(float(want.abs().max()), 1.0), key
+
+
+def test_negated_dora_is_exact_as_dora_and_cli_takes_form(bases, doras, tmp_path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "negate",
+            str(doras["llama"]),
+            "--base",
+            str(bases["llama"]),
+            "--form",
+            "dora",
+            "-o",
+            str(tmp_path / "n"),
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    base = tiny_llama().double().state_dict()
+    before = peft_merged_state_dict(tiny_llama, doras["llama"], dtype=torch.float64)
+    after = peft_merged_state_dict(tiny_llama, tmp_path / "n", dtype=torch.float64)
+    for key in before:
+        want = 2 * base[key] - before[key]
+        assert float((after[key] - want).abs().max()) <= 1e-6 * max(float(want.abs().max()), 1.0), key
+    with pytest.raises(ao.InvalidInputError, match="a DoRA output needs the base checkpoint"):
+        ao.negate(ao.load_adapter(doras["llama"]), form="dora")
+    with pytest.raises(ao.InvalidInputError, match="a DoRA output is exact: drop"):
+        ao.combine([ao.load_adapter(doras["llama"])], base=bases["llama"], form="dora", method="svd", rank=2)

@@ -59,11 +59,14 @@ def combine(
     force: bool = False,
     progress: Progress | None = None,
     base: Any = None,
+    form: str = "lora",
 ) -> Adapter:
     """The adapter whose update is ``sum_i weights[i] * dW_i`` for every module (see module docstring).
 
     DoRA inputs need ``base`` (a checkpoint path, Hub id or ``Checkpoint``): their effective
     updates are summed densely per module and re-factored (``dora.combine_with_base``).
+    ``form="dora"`` (with ``base``) returns a DoRA adapter instead, which holds any such sum
+    exactly (``dora.combine_as_dora``).
 
     ``weights`` defaults to 1 for every input. ``rank``/``energy``/``sv_ratio`` choose the output
     rank for ``method="svd"`` (one of them is required there). ``force`` accepts inputs whose
@@ -86,6 +89,16 @@ def combine(
         raise InvalidInputError("method svd needs a target: --rank K, --energy F or --sv-ratio R")
     if method is not Method.SVD and not policy.is_exact:
         raise InvalidInputError(f"--rank/--energy/--sv-ratio apply to method svd, not {method.value}")
+    if form not in ("lora", "dora"):
+        raise InvalidInputError(f"unknown output form {form!r}; choose lora or dora")
+    if form == "dora":
+        if base is None:
+            raise InvalidInputError("a DoRA output needs the base checkpoint (--base)")
+        if method is not Method.EXACT or not policy.is_exact:
+            raise InvalidInputError("a DoRA output is exact: drop --method/--rank/--energy/--sv-ratio")
+        from adapterops.dora import combine_as_dora
+
+        return combine_as_dora(adapters, weights, base, force=force, progress=progress)
     if base is not None and any(a.is_dora for a in adapters):
         if method not in (Method.EXACT, Method.SVD):
             raise InvalidInputError(
@@ -133,17 +146,17 @@ def combine(
     return result_adapter(adapters, modules, reports, provenance)
 
 
-def negate(adapter: Adapter, *, base: Any = None) -> Adapter:
+def negate(adapter: Adapter, *, base: Any = None, form: str = "lora") -> Adapter:
     """dW -> -dW for every module: B changes sign, nothing else (bit-exact). DoRA needs ``base``."""
-    return _single("negate", adapter, -1.0, base)
+    return _single("negate", adapter, -1.0, base, form)
 
 
-def scale(adapter: Adapter, by: float, *, base: Any = None) -> Adapter:
+def scale(adapter: Adapter, by: float, *, base: Any = None, form: str = "lora") -> Adapter:
     """dW -> by * dW for every module: the factor goes into the scale, factors unchanged (a negative
     ``by`` also flips B's sign)."""
     if not math.isfinite(by):
         raise InvalidInputError(f"scale factor must be a finite number, got {by}")
-    return _single("scale", adapter, float(by), base)
+    return _single("scale", adapter, float(by), base, form)
 
 
 def resize(
@@ -329,8 +342,8 @@ def bias_sum(
     return total
 
 
-def _single(operation: str, adapter: Adapter, factor: float, base: Any = None) -> Adapter:
-    out = combine([adapter], [factor], method=Method.EXACT, base=base)
+def _single(operation: str, adapter: Adapter, factor: float, base: Any = None, form: str = "lora") -> Adapter:
+    out = combine([adapter], [factor], method=Method.EXACT, base=base, form=form)
     provenance: dict[str, Any] = {"operation": operation, "inputs": (out.provenance or {}).get("inputs", [])}
     if (out.provenance or {}).get("base"):
         provenance["base"] = (out.provenance or {})["base"]
