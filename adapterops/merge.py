@@ -167,7 +167,7 @@ def plan_merge(
             if direction is Direction.UNMERGE:
                 raise UnsupportedAdapterError(
                     f"{adapter.describe()} carries {name} (modules_to_save): it replaced {key} on merge, and the "
-                    "original cannot be recovered from the merged checkpoint; unmerge from a copy of the base instead"
+                    "original cannot be recovered from the merged checkpoint; use the original base checkpoint instead"
                 )
             slot = slot_for(key)
             if slot.get("replacement") is not None and not torch.equal(slot["replacement"], tensor):
