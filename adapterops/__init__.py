@@ -23,6 +23,7 @@ from adapterops.errors import (
     OutputExistsError,
     UnsupportedAdapterError,
 )
+from adapterops.hub import push_to_hub
 from adapterops.io import load_adapter, save_adapter
 from adapterops.merge import MergeResult, merge, unmerge
 from adapterops.ops.combine import ApproximationWarning, Method, combine, negate, resize, scale
@@ -53,6 +54,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "negate",
+    "push_to_hub",
     "resize",
     "save_adapter",
     "scale",

@@ -424,6 +424,55 @@ def info(adapter: str, base: str | None, as_json: bool) -> None:
     render(report, out.out)
 
 
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (if it does not exist yet).")
+@click.option("--revision", help="Branch to push to (created if missing); default main.")
+@click.option("--commit-message", help="Commit message; default names the kind of output.")
+@click.option("--token", help="Hub token; default HF_TOKEN or the login cache. Never printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def push(
+    path: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    token: str | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Upload an adapter or merged checkpoint to the Hub with a model card of its lineage.
+
+    The card records the inputs (repo@revision or path, sha256), weights, method, rank, recipe,
+    adapterops version and the error figures the operation reported.
+
+    \b
+    Examples:
+      adapterops push ./mix me/style-mix --private
+      adapterops push ./merged me/llama-merged --revision v2
+    """
+    from adapterops.hub import push_to_hub
+
+    out = Output(as_json=as_json, quiet=quiet)
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    with out.progress("uploading", len(files) + 1) as advance:
+        url = push_to_hub(
+            path,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            token=token,
+            progress=advance,
+        )
+    if as_json:
+        out.json({"repo_id": repo_id, "revision": revision or "main", "commit_url": url})
+    else:
+        out.line(f"pushed {path} to {url}")
+
+
 from adapterops import cli_dora, cli_merge  # noqa: E402, F401  (register their commands)
 
 

@@ -1,0 +1,176 @@
+"""Publishing to the Hub: a model card that records how an output was made, and the upload.
+
+Uploads go through huggingface_hub (create_repo, preupload of large files, create_commit), so its
+token resolution (``token=``, HF_TOKEN, the login cache), endpoint and offline settings apply.
+The token is never printed or written anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapterops.errors import HubError, InvalidInputError, NotFoundError
+
+RECORD_NAME = "adapterops_merge.json"
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a local directory holds: a PEFT adapter or a transformers checkpoint, and its lineage."""
+
+    path: Path
+    kind: str  # "adapter" | "checkpoint"
+    base_model: str | None
+    provenance: Mapping[str, Any]
+
+
+def inspect_output(path: str | Path) -> Output:
+    """Recognize an adapterops output (or any adapter / checkpoint) and read its lineage record."""
+    root = Path(path)
+    if not root.is_dir():
+        raise NotFoundError(f"{root}: no such directory; pass an adapter or checkpoint directory to push")
+    if (root / "adapter_config.json").is_file():
+        from adapterops.io.peft import PROVENANCE_KEY, read_tensors
+
+        config = json.loads((root / "adapter_config.json").read_text())
+        _, metadata, _ = read_tensors(root)
+        provenance = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else {}
+        return Output(root, "adapter", config.get("base_model_name_or_path"), provenance)
+    if (root / "config.json").is_file() and any(root.glob("*.safetensors")):
+        record = json.loads((root / RECORD_NAME).read_text()) if (root / RECORD_NAME).is_file() else {}
+        history = record.get("history") or [{}]
+        return Output(root, "checkpoint", history[-1].get("base"), record)
+    raise InvalidInputError(
+        f"{root}: neither a PEFT adapter (adapter_config.json) nor a safetensors checkpoint (config.json and "
+        "*.safetensors); nothing to push"
+    )
+
+
+def model_card(output: Output, repo_id: str | None = None) -> str:
+    """A README.md with card data (library, base model, tags) and a lineage section."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from adapterops import __version__
+
+    tags = ["adapterops", "lora"] + (["merge"] if output.kind == "checkpoint" else [])
+    base = output.base_model if output.base_model and "/" in output.base_model else None
+    data = ModelCardData(
+        library_name="peft" if output.kind == "adapter" else "transformers", base_model=base, tags=tags
+    )
+    title = repo_id or output.path.name
+    lines = [f"# {title}", "", _what(output), "", "## Lineage", ""]
+    lines += _lineage(output.provenance) or ["No adapterops record: this output was not made by adapterops."]
+    lines += ["", f"Card written by adapterops {__version__}.", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).content
+
+
+def _what(output: Output) -> str:
+    if output.kind == "adapter":
+        return "A LoRA adapter. Load it with `PeftModel.from_pretrained(base_model, repo_id)`."
+    return "A checkpoint with LoRA adapters merged in. Load it with `AutoModelForCausalLM.from_pretrained(repo_id)`."
+
+
+def _lineage(provenance: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    if provenance.get("command"):
+        lines += ["```", str(provenance["command"]), "```", ""]
+    if provenance.get("recipe"):
+        lines += ["Recipe:", "", "```yaml", str(provenance["recipe"]).rstrip(), "```", ""]
+    for key in ("operation", "method", "weights", "rank", "energy", "sv_ratio", "by", "base", "summary"):
+        if provenance.get(key) is not None:
+            lines.append(f"- {key}: `{provenance[key]}`")
+    inputs = provenance.get("inputs") or []
+    for record in provenance.get("merged", []):
+        inputs = [*inputs, record]
+    for item in inputs:
+        where = item.get("repo_id") or item.get("path")
+        revision = f" @ `{item['revision']}`" if item.get("revision") else ""
+        sha = f", sha256 `{item['sha256']}`" if item.get("sha256") else ""
+        weight = f", weight {item['weight']}" if "weight" in item else ""
+        lines.append(f"- input: `{where}`{revision}{sha}{weight}")
+    if provenance.get("adapterops_version"):
+        lines.append(f"- made with adapterops {provenance['adapterops_version']}")
+    for step in provenance.get("history", []):
+        names = ", ".join(str(a.get("repo_id") or a.get("path")) for a in step.get("adapters", []))
+        lines.append(f"- {step.get('operation')}: {names} (adapterops {step.get('adapterops_version')})")
+    return lines
+
+
+def push_to_hub(
+    path: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    progress: Any = None,
+) -> str:
+    """Upload an adapter or checkpoint directory with a generated model card; returns the commit URL.
+
+    Large files are pre-uploaded one by one before the commit, so a retry after a failure only
+    sends what the Hub does not already have.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import utils as hub_utils
+
+    output = inspect_output(path)
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload")
+    card = model_card(output, repo_id).encode()
+    files = sorted(p for p in output.path.rglob("*") if p.is_file() and not _hidden(p, output.path))
+    operations = [
+        CommitOperationAdd(path_in_repo=p.relative_to(output.path).as_posix(), path_or_fileobj=str(p))
+        for p in files
+        if p.relative_to(output.path).as_posix() != "README.md"
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    api = HfApi(token=token)
+    quiet = not hub_utils.are_progress_bars_disabled()
+    if quiet:  # adapterops draws its own progress; the client's bars would interleave with it
+        hub_utils.disable_progress_bars()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        for operation in operations:  # one by one: progress, and resumable on retry
+            api.preupload_lfs_files(repo_id, [operation], revision=revision)
+            if progress:
+                progress(operation.path_in_repo)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {output.kind} made with adapterops",
+            revision=revision,
+        )
+    except hub_errors.HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            raise HubError(
+                f"the Hub refused the upload to {repo_id} (HTTP {status}): log in with `hf auth login`, set HF_TOKEN "
+                "or pass --token, with write access to that namespace"
+            ) from None
+        raise HubError(
+            f"the Hub refused the upload to {repo_id}: {_without_token(str(exc), token)}"
+        ) from None
+    except (OSError, hub_errors.OfflineModeIsEnabled) as exc:
+        raise HubError(
+            f"could not reach the Hub to push {repo_id} ({type(exc).__name__}); check the network"
+        ) from None
+    finally:
+        if quiet:
+            hub_utils.enable_progress_bars()
+    return str(info.commit_url)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _without_token(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
