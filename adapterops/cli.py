@@ -63,8 +63,47 @@ def cli() -> None:
     """
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    ctx.meta[str(param.name)] = value
+    return value
+
+
+def push_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--push REPO_ID / --private on every verb that writes: kept in ctx.meta, used by ``maybe_push``."""
+    func = click.option(
+        "--private",
+        "push_private",
+        is_flag=True,
+        expose_value=False,
+        callback=_remember,
+        help="With --push: create the Hub repo private.",
+    )(func)
+    return click.option(
+        "--push",
+        "push_repo",
+        metavar="REPO_ID",
+        expose_value=False,
+        callback=_remember,
+        help="Also upload the output to this Hub repo, with a lineage card (see `adapterops push`).",
+    )(func)
+
+
+def maybe_push(output: Path, out: Output) -> str | None:
+    """Upload ``output`` when the command was given --push; returns the commit URL."""
+    meta = click.get_current_context().meta
+    if not meta.get("push_repo"):
+        return None
+    from adapterops.hub import push_to_hub
+
+    url = push_to_hub(output, meta["push_repo"], private=bool(meta.get("push_private")))
+    if not out.as_json:
+        out.line(f"pushed {output} to {url}")
+    return url
+
+
 def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """-o/--output, --force, --dtype, --json, --quiet, --verbose for every verb that writes an adapter."""
+    """-o/--output, --force, --dtype, --json, --quiet, --verbose, --push for every verb that writes an adapter."""
+    func = push_options(func)
     options = [
         click.option(
             "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
@@ -138,6 +177,7 @@ def _write(
     if out.as_json:
         payload: dict[str, Any] = {"output": str(output), **summary}
         payload["per_module"] = [r.as_dict() for r in adapter.report]
+        payload["pushed"] = maybe_push(output, out)
         out.json(payload)
         return
     if out.verbose:
@@ -147,6 +187,7 @@ def _write(
                 f"relative error {r.rel_error:.3g}"
             )
     out.line(f"wrote {output}: {summary_line(summary)}")
+    maybe_push(output, out)
 
 
 def _run(out: Output, work: Callable[[], None]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from adapterops.cli import WeightsCommand, _run, cli
+from adapterops.cli import WeightsCommand, _run, cli, maybe_push, push_options
 from adapterops.console import Output
 from adapterops.io import load_adapter
 from adapterops.io.atomic import check_output_path
@@ -42,7 +42,7 @@ def checkpoint_options(func: Any) -> Any:
     ]
     for option in reversed(options):
         func = option(func)
-    return func
+    return push_options(func)
 
 
 def _stream(
@@ -72,13 +72,14 @@ def _stream(
     with out.byte_progress(direction.value, checkpoint.total_size) as advance:
         result = execute(plan, output, device=device, force=force, progress=advance)
     if out.as_json:
-        out.json(result.as_dict())
+        out.json({**result.as_dict(), "pushed": maybe_push(output, out)})
     else:
         rate = result.bytes_written / max(result.seconds, 1e-9) / 2**20
         out.line(
             f"wrote {output}: {result.tensors_updated} tensors updated, {result.bytes_written / 2**20:.1f} MiB in "
             f"{result.seconds:.2f} s ({rate:.0f} MiB/s) on {result.device}"
         )
+        maybe_push(output, out)
 
 
 @cli.command(cls=WeightsCommand)
