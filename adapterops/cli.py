@@ -54,11 +54,16 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="adapterops")
 def cli() -> None:
-    """Exact arithmetic on LoRA adapters: combine, negate, scale, resize, inspect.
+    """Exact arithmetic on LoRA adapters: combine, negate, scale, resize, convert DoRA, merge into
+    checkpoints, verify, push.
 
     Inputs are PEFT adapter directories or Hub ids (org/name or org/name@revision); outputs are
-    PEFT adapter directories that PeftModel.from_pretrained loads unchanged.
+    PEFT adapter directories that PeftModel.from_pretrained loads unchanged, or checkpoints that
+    transformers loads unchanged.
 
+    \b
+    Exit codes: 0 ok, 1 failed check (verify) or other error, 2 invalid input or usage,
+    3 not found, 4 output exists (use --force), 5 Hub unreachable or refused.
     Set ADAPTEROPS_DEBUG=1 to see tracebacks.
     """
 

@@ -207,3 +207,12 @@ def test_merge_verify_unmerge_from_the_command_line(zoo: Zoo, tmp_path: Path) ->
     code, out, err = run("merge", base, zoo["gpt2_a"], "-o", tmp_path / "bad")
     assert code == 2 and out == "" and err.startswith("error: module transformer.h.0.attn.c_attn: no tensor")
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_reference_is_up_to_date() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "cli_reference.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -84,11 +84,25 @@ def test_push_failures_are_one_clear_line(zoo: Zoo, tmp_path: Path, monkeypatch)
 
 def test_writing_verbs_push_with_a_flag(fake_hub: FakeHub, zoo: Zoo, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_TOKEN", "t")
-    args = ["combine", str(zoo["llama_a"]), str(zoo["llama_b"]), "-w", "0.7", "0.3", "-o", str(tmp_path / "mix"),
-            "--push", "me/mix", "--private", "--json"]
+    args = [
+        "combine",
+        str(zoo["llama_a"]),
+        str(zoo["llama_b"]),
+        "-w",
+        "0.7",
+        "0.3",
+        "-o",
+        str(tmp_path / "mix"),
+        "--push",
+        "me/mix",
+        "--private",
+        "--json",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.stderr
     assert "me/mix" in json.loads(result.stdout)["pushed"]
     pushed = fake_hub.files("me/mix")
-    assert pushed["adapter_model.safetensors"] == (tmp_path / "mix" / "adapter_model.safetensors").read_bytes()
+    assert (
+        pushed["adapter_model.safetensors"] == (tmp_path / "mix" / "adapter_model.safetensors").read_bytes()
+    )
     assert "adapterops combine" in pushed["README.md"].decode()  # the command is in the card
