@@ -27,6 +27,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,7 +179,7 @@ class Adapter:
     def describe(self) -> str:
         return self.source.describe() if self.source else "<in memory>"
 
-    def save(self, path: str, *, force: bool = False, dtype: torch.dtype | None = None) -> None:
+    def save(self, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
         from adapterops.io.peft import save_adapter
 

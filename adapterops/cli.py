@@ -519,6 +519,66 @@ def push(
         out.line(f"pushed {path} to {url}")
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (steps, inputs, outputs, sizes, memory) and stop."
+)
+@click.option(
+    "--output-dir", type=click.Path(path_type=Path), help="Write outputs here instead of beside the recipe."
+)
+@click.option("--force", is_flag=True, help="Replace outputs that exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def run(
+    recipe: Path, dry_run: bool, output_dir: Path | None, force: bool, as_json: bool, quiet: bool
+) -> None:
+    """Run a pipeline from a recipe file (YAML): load, combine, negate, scale, resize, DoRA
+    conversions, merge, push. The file is validated first; its errors give the line.
+
+    \b
+    Examples:
+      adapterops run recipes/blend-and-merge.yaml
+      adapterops run recipes/blend-and-merge.yaml --dry-run
+      adapterops run my-recipe.yaml --output-dir /data/out --force
+    """
+    from adapterops.recipe import load_recipe, plan, run_recipe
+
+    out = Output(as_json=as_json, quiet=quiet)
+    parsed = load_recipe(recipe)
+    if dry_run:
+        rows = plan(parsed, output_dir)
+        if as_json:
+            out.json(rows)
+            return
+        for row in rows:
+            if "verb" not in row:
+                out.line(f"{row['step']}: {row['source']} ({row['bytes'] / 2**20:.2f} MiB)")
+                continue
+            where = f" -> {row['output']}" if row["output"] else ""
+            pushed = f", push to {row['push']}" if row["push"] else ""
+            out.line(
+                f"{row['step']}: {row['verb']}({', '.join(row['uses'])}) {row['args'] or ''}{where}{pushed}; "
+                f"about {row['estimated_output_bytes'] / 2**20:.2f} MiB out, "
+                f"{row['estimated_peak_memory_bytes'] / 2**20:.0f} MiB peak"
+            )
+        return
+    results: list[Any] = []
+
+    def work() -> None:
+        with out.progress("recipe", len(parsed.steps)) as advance:
+            results.extend(run_recipe(recipe, output_dir=output_dir, force=force, progress=advance))
+
+    _run(out, work)
+    if as_json:
+        out.json([r.__dict__ for r in results])
+        return
+    for result in results:
+        where = f" -> {result.output}" if result.output else ""
+        pushed = f" (pushed: {result.pushed})" if result.pushed else ""
+        out.line(f"{result.name}: {result.verb}{where}: {result.summary}{pushed}")
+
+
 from adapterops import cli_dora, cli_merge  # noqa: E402, F401  (register their commands)
 
 

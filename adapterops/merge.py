@@ -75,13 +75,8 @@ class MergePlan:
     def describe(self) -> dict[str, Any]:
         located = self.checkpoint.locate()
         touched = sum(located[k][1].nbytes for k in self.updates)
-        largest = max((located[k][1] for k in self.updates), key=lambda e: e.nbytes, default=None)
         adapter_bytes = sum(m.A.nbytes + m.B.nbytes for a in self.adapters for m in a.modules.values())
-        # per element of the largest updated tensor: float32 sum and bound (8 bytes), output and two
-        # rounding probes in the stored dtype, three read buffers; plus the adapters and torch itself
-        elements = largest.nbytes // largest.torch_dtype.itemsize if largest else 0
-        itemsize = largest.torch_dtype.itemsize if largest else 0
-        peak = adapter_bytes + elements * (8 + 6 * itemsize) + TORCH_BASELINE_BYTES
+        peak = estimate_peak(self.checkpoint, adapter_bytes, [located[k][1] for k in self.updates])
         return {
             "operation": self.direction.value,
             "checkpoint": self.checkpoint.describe(),
@@ -96,6 +91,21 @@ class MergePlan:
             "estimated_peak_memory_bytes": peak,
             "other_files": [str(p.relative_to(self.checkpoint.root)) for p in self.checkpoint.other_files()],
         }
+
+
+def estimate_peak(
+    checkpoint: Checkpoint, adapter_bytes: int, updated: Sequence[TensorEntry] | None = None
+) -> int:
+    """Resident memory of a merge: per element of the largest updated tensor, the float32 sum and
+    bound (8 bytes), the output and two rounding probes in the stored dtype, three read buffers;
+    plus the adapters and torch itself. ``updated`` defaults to every floating-point tensor."""
+    if updated is None:
+        updated = [e for shard in checkpoint.shards for e in shard.entries if e.torch_dtype.is_floating_point]
+    largest = max(updated, key=lambda e: e.nbytes, default=None)
+    if largest is None:
+        return adapter_bytes + TORCH_BASELINE_BYTES
+    itemsize = largest.torch_dtype.itemsize
+    return adapter_bytes + largest.nbytes // itemsize * (8 + 6 * itemsize) + TORCH_BASELINE_BYTES
 
 
 # --------------------------------------------------------------------------------------------- planning

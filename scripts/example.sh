@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the bundled example: combine two tiny PEFT adapters, then inspect the result.
+# The main job on the bundled example, from its recipe: blend two tiny PEFT adapters 70/30, merge the
+# blend into their base checkpoint, then inspect the blend.
 set -euo pipefail
-out=${1:-out/mix}
-mkdir -p "$(dirname "$out")"
-adapterops combine recipes/inputs/style-a recipes/inputs/style-b --weights 0.7 0.3 -o "$out" --force
-adapterops info "$out"
+adapterops run recipes/blend-and-merge.yaml --force
+adapterops info recipes/out/mix

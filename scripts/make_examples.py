@@ -1,4 +1,5 @@
-"""Rebuild the tiny example adapters bundled in recipes/inputs/ (PEFT-made, seeded, a few KB each).
+"""Rebuild the tiny examples bundled in recipes/inputs/: two PEFT-made adapters (seeded, a few KB
+each), a DoRA one, and their base checkpoint (bf16, two shards, about 200 KB).
 
 python scripts/make_examples.py      # needs the test extras (peft, transformers)
 """
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "recipes" / "inputs"
 EXAMPLES = {
     "style-a": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]),
     "style-b": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
+    "style-dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]),
 }
 
 
@@ -33,12 +35,18 @@ def base() -> LlamaForCausalLM:
 
 
 def main() -> None:
+    base().to(torch.bfloat16).save_pretrained(ROOT / "tiny-llama-64", max_shard_size="150KB")
+    print(f"wrote {ROOT / 'tiny-llama-64'}")
     for seed, (name, kwargs) in enumerate(EXAMPLES.items(), start=1):
+        if (ROOT / name / "adapter_config.json").exists() and name != "style-dora":
+            continue  # keep the published bytes of the original examples
         model = get_peft_model(base(), LoraConfig(init_lora_weights=False, **kwargs))
         torch.manual_seed(seed)
         with torch.no_grad():
             for pname, param in sorted(model.named_parameters()):
-                if "lora_" in pname:
+                if "lora_magnitude_vector" in pname:
+                    param.mul_(1 + 0.05 * torch.randn_like(param))
+                elif "lora_" in pname:
                     param.copy_(0.1 * torch.randn_like(param))
         model.peft_config["default"].base_model_name_or_path = "tiny-llama-64"
         model.save_pretrained(ROOT / name, save_embedding_layers=False)

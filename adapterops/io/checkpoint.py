@@ -284,3 +284,24 @@ class ShardWriter:
         # no fsync: atomicity comes from the final rename; durability across power loss is the
         # filesystem's, as for cp
         self.handle.close()
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """A safetensors file with a byte-for-byte reproducible header (sorted names and metadata keys).
+
+    safetensors' own writer keeps metadata in a hash map, so its key order, and the file's bytes,
+    change from run to run.
+    """
+    entries, position = [], 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        dtype = next(k for k, v in DTYPES.items() if v == tensor.dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(TensorEntry(name, dtype, tuple(tensor.shape), position, position + nbytes))
+        position += nbytes
+    writer = ShardWriter(path, tuple(entries), dict(sorted(metadata.items())))
+    try:
+        for entry in entries:
+            writer.write(entry, tensors[entry.name])
+    finally:
+        writer.close()

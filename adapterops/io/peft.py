@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import AdapterFormatError, NotFoundError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir
+from adapterops.io.checkpoint import save_tensors
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -387,7 +387,7 @@ def save_adapter(
     if adapter.provenance:
         metadata[PROVENANCE_KEY] = json.dumps(adapter.provenance, sort_keys=True)
     with atomic_output_dir(target, force=force) as tmp:
-        save_file(adapter_state_dict(adapter, dtype), tmp / SAFETENSORS_NAME, metadata=metadata)
+        save_tensors(tmp / SAFETENSORS_NAME, adapter_state_dict(adapter, dtype), metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(model_card(adapter, config, file_sha256(tmp / SAFETENSORS_NAME)))
     return target

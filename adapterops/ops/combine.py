@@ -48,9 +48,12 @@ class ApproximationWarning(UserWarning):
     """An operation returned something other than the exact weighted sum, on request."""
 
 
+Weight = float | Callable[[str], float]  # a number, or a function of the module name
+
+
 def combine(
     adapters: Sequence[Adapter],
-    weights: Sequence[float] | None = None,
+    weights: Sequence[Weight] | None = None,
     *,
     method: Method | str = Method.EXACT,
     rank: int | None = None,
@@ -68,7 +71,8 @@ def combine(
     ``form="dora"`` (with ``base``) returns a DoRA adapter instead, which holds any such sum
     exactly (``dora.combine_as_dora``).
 
-    ``weights`` defaults to 1 for every input. ``rank``/``energy``/``sv_ratio`` choose the output
+    ``weights`` defaults to 1 for every input. A weight may be a function of the module name
+    (per-module filters, layer gradients: see ``adapterops.recipe``). ``rank``/``energy``/``sv_ratio`` choose the output
     rank for ``method="svd"`` (one of them is required there). ``force`` accepts inputs whose
     configs name different base models. The result's ``report`` holds one ``ModuleReport`` per
     module; its ``provenance`` records inputs, weights and method.
@@ -77,13 +81,17 @@ def combine(
     adapters = list(adapters)
     if not adapters:
         raise InvalidInputError("combine needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(adapters) if weights is None else [w if callable(w) else float(w) for w in weights]
     if len(weights) != len(adapters):
         raise InvalidInputError(
             f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
         )
-    if not all(math.isfinite(w) for w in weights):
+    if not all(callable(w) or math.isfinite(w) for w in weights):
         raise InvalidInputError(f"weights must be finite numbers, got {weights}")
+    plain = [float(w) for w in weights if not callable(w)]
+    needs_base = form == "dora" or (base is not None and any(a.is_dora for a in adapters))
+    if needs_base and len(plain) != len(weights):
+        raise InvalidInputError("per-module weights (filters, gradients) are not supported with DoRA yet")
     policy = RankPolicy(rank=rank, energy=energy, sv_ratio=sv_ratio)
     if method is Method.SVD and policy.is_exact:
         raise InvalidInputError("method svd needs a target: --rank K, --energy F or --sv-ratio R")
@@ -98,7 +106,7 @@ def combine(
             raise InvalidInputError("a DoRA output is exact: drop --method/--rank/--energy/--sv-ratio")
         from adapterops.dora import combine_as_dora
 
-        return combine_as_dora(adapters, weights, base, force=force, progress=progress)
+        return combine_as_dora(adapters, plain, base, force=force, progress=progress)
     if base is not None and any(a.is_dora for a in adapters):
         if method not in (Method.EXACT, Method.SVD):
             raise InvalidInputError(
@@ -108,7 +116,7 @@ def combine(
 
         return combine_with_base(
             adapters,
-            weights,
+            plain,
             base,
             policy=None if policy.is_exact else policy,
             force=force,
@@ -120,7 +128,11 @@ def combine(
     modules: dict[str, LoraModule] = {}
     reports: list[ModuleReport] = []
     for name in names:
-        terms = [(w, a.modules[name]) for w, a in zip(weights, adapters, strict=True) if name in a.modules]
+        terms = [
+            (_weight_for(w, name), a.modules[name])
+            for w, a in zip(weights, adapters, strict=True)
+            if name in a.modules
+        ]
         check_same_module(name, [m for _, m in terms], adapters)
         module, report = combine_module(terms, method, policy)
         modules[name] = module
@@ -137,13 +149,20 @@ def combine(
     provenance = {
         "operation": "combine",
         "method": method.value,
-        "weights": weights,
+        "weights": [getattr(w, "spec", repr(w)) if callable(w) else w for w in weights],
         "inputs": [input_record(a) for a in adapters],
         **({"rank": rank} if rank is not None else {}),
         **({"energy": energy} if energy is not None else {}),
         **({"sv_ratio": sv_ratio} if sv_ratio is not None else {}),
     }
     return result_adapter(adapters, modules, reports, provenance)
+
+
+def _weight_for(weight: Weight, module: str) -> float:
+    value = float(weight(module)) if callable(weight) else weight
+    if not math.isfinite(value):
+        raise InvalidInputError(f"module {module}: weight {value} is not a finite number")
+    return value
 
 
 def negate(adapter: Adapter, *, base: Any = None, form: str = "lora") -> Adapter:
