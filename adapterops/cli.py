@@ -93,14 +93,14 @@ def push_options(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)
 
 
-def maybe_push(output: Path, out: Output) -> str | None:
+def maybe_push(output: Path, out: Output, uploader: Any = None) -> str | None:
     """Upload ``output`` when the command was given --push; returns the commit URL."""
     meta = click.get_current_context().meta
     if not meta.get("push_repo"):
         return None
     from adapterops.hub import push_to_hub
 
-    url = push_to_hub(output, meta["push_repo"], private=bool(meta.get("push_private")))
+    url = push_to_hub(output, meta["push_repo"], private=bool(meta.get("push_private")), uploader=uploader)
     if not out.as_json:
         out.line(f"pushed {output} to {url}")
     return url

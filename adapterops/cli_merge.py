@@ -69,17 +69,30 @@ def _stream(
             for key, value in summary.items():
                 out.line(f"{key}: {value}")
         return
+    meta = click.get_current_context().meta
+    uploader = None
+    if meta.get("push_repo"):  # upload each shard as soon as it is written, while the next is computed
+        from adapterops.hub import ShardUploader
+
+        uploader = ShardUploader(meta["push_repo"], private=bool(meta.get("push_private")))
     with out.byte_progress(direction.value, checkpoint.total_size) as advance:
-        result = execute(plan, output, device=device, force=force, progress=advance)
+        result = execute(
+            plan,
+            output,
+            device=device,
+            force=force,
+            progress=advance,
+            on_shard=uploader.submit if uploader else None,
+        )
     if out.as_json:
-        out.json({**result.as_dict(), "pushed": maybe_push(output, out)})
+        out.json({**result.as_dict(), "pushed": maybe_push(output, out, uploader)})
     else:
         rate = result.bytes_written / max(result.seconds, 1e-9) / 2**20
         out.line(
             f"wrote {output}: {result.tensors_updated} tensors updated, {result.bytes_written / 2**20:.1f} MiB in "
             f"{result.seconds:.2f} s ({rate:.0f} MiB/s) on {result.device}"
         )
-        maybe_push(output, out)
+        maybe_push(output, out, uploader)
 
 
 @cli.command(cls=WeightsCommand)

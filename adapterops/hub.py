@@ -8,7 +8,8 @@ The token is never printed or written anywhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,61 @@ def _lineage(provenance: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+class ShardUploader:
+    """Uploads files as they are finished (a merge's shards) so the upload overlaps the work.
+
+    ``submit(path)`` pre-uploads one file in a background thread; ``push_to_hub(...,
+    uploader=...)`` then commits everything, reusing what was already sent.
+    """
+
+    def __init__(
+        self, repo_id: str, *, private: bool = False, revision: str | None = None, token: str | None = None
+    ):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.repo_id, self.private, self.revision, self.token = repo_id, private, revision, token
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-upload")
+        self.sent: dict[str, Any] = {}  # file name -> CommitOperationAdd, already pre-uploaded
+        self.futures: list[Any] = []
+        self.handles: list[Any] = []
+        self._prepared = False
+
+    def submit(self, path: Path) -> None:
+        # opened now: the handle stays valid when the merge renames its temporary folder
+        handle = Path(path).open("rb")  # noqa: SIM115  (closed by close(), after the commit)
+        self.handles.append(handle)
+        self.futures.append(self.pool.submit(self._upload, Path(path).name, handle))
+
+    def _upload(self, name: str, handle: Any) -> None:
+        from huggingface_hub import CommitOperationAdd, HfApi
+
+        api = HfApi(token=self.token)
+        with _hub_errors(self.repo_id, self.token):
+            if not self._prepared:
+                _prepare(api, self.repo_id, self.private, self.revision)
+                self._prepared = True
+            operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=handle)
+            api.preupload_lfs_files(self.repo_id, [operation], revision=self.revision)
+        self.sent[name] = operation
+
+    def wait(self) -> None:
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.pool.shutdown()
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+
+
+def _prepare(api: Any, repo_id: str, private: bool, revision: str | None) -> None:
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+
+
 def push_to_hub(
     path: str | Path,
     repo_id: str,
@@ -109,37 +165,62 @@ def push_to_hub(
     commit_message: str | None = None,
     token: str | None = None,
     progress: Any = None,
+    uploader: ShardUploader | None = None,
 ) -> str:
     """Upload an adapter or checkpoint directory with a generated model card; returns the commit URL.
 
     Large files are pre-uploaded one by one before the commit, so a retry after a failure only
-    sends what the Hub does not already have.
+    sends what the Hub does not already have. Files an ``uploader`` already sent are not sent again.
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
-    from huggingface_hub import errors as hub_errors
-    from huggingface_hub import utils as hub_utils
 
     output = inspect_output(path)
     if constants.HF_HUB_OFFLINE:
         raise HubError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload")
     card = model_card(output, repo_id).encode()
     files = sorted(p for p in output.path.rglob("*") if p.is_file() and not _hidden(p, output.path))
+    sent = {}
+    if uploader is not None:
+        try:
+            uploader.wait()
+        except BaseException:
+            uploader.close()
+            raise
+        sent = uploader.sent
     operations = [
-        CommitOperationAdd(path_in_repo=p.relative_to(output.path).as_posix(), path_or_fileobj=str(p))
+        sent.get(p.relative_to(output.path).as_posix())
+        or CommitOperationAdd(path_in_repo=p.relative_to(output.path).as_posix(), path_or_fileobj=str(p))
         for p in files
         if p.relative_to(output.path).as_posix() != "README.md"
     ]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     api = HfApi(token=token)
-    quiet = not hub_utils.are_progress_bars_disabled()
-    if quiet:  # adapterops draws its own progress; the client's bars would interleave with it
-        hub_utils.disable_progress_bars()
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        return _commit(
+            api, repo_id, operations, sent, output, private, revision, commit_message, progress, token
+        )
+    finally:
+        if uploader is not None:
+            uploader.close()
+
+
+def _commit(
+    api: Any,
+    repo_id: str,
+    operations: list[Any],
+    sent: Mapping[str, Any],
+    output: Output,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    progress: Any,
+    token: str | None,
+) -> str:
+    with _hub_errors(repo_id, token):
+        _prepare(api, repo_id, private, revision)
         for operation in operations:  # one by one: progress, and resumable on retry
-            api.preupload_lfs_files(repo_id, [operation], revision=revision)
+            if operation.path_in_repo not in sent:
+                api.preupload_lfs_files(repo_id, [operation], revision=revision)
             if progress:
                 progress(operation.path_in_repo)
         info = api.create_commit(
@@ -148,6 +229,20 @@ def push_to_hub(
             commit_message=commit_message or f"Upload {output.kind} made with adapterops",
             revision=revision,
         )
+    return str(info.commit_url)
+
+
+@contextmanager
+def _hub_errors(repo_id: str, token: str | None) -> Iterator[None]:
+    """huggingface_hub's exceptions as one-line HubErrors; the client's progress bars off meanwhile."""
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import utils as hub_utils
+
+    quiet = not hub_utils.are_progress_bars_disabled()
+    if quiet:  # adapterops draws its own progress; the client's bars would interleave with it
+        hub_utils.disable_progress_bars()
+    try:
+        yield
     except hub_errors.HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         if status in (401, 403):
@@ -165,7 +260,6 @@ def push_to_hub(
     finally:
         if quiet:
             hub_utils.enable_progress_bars()
-    return str(info.commit_url)
 
 
 def _hidden(path: Path, root: Path) -> bool:

@@ -370,8 +370,13 @@ def execute(
     device: str = "auto",
     force: bool = False,
     progress: Progress | None = None,
+    on_shard: Callable[[Path], None] | None = None,
 ) -> MergeResult:
-    """Write the planned checkpoint to ``output``, atomically. See the module docstring."""
+    """Write the planned checkpoint to ``output``, atomically. See the module docstring.
+
+    ``on_shard`` is called with each finished shard's (temporary) path, e.g. to start uploading it
+    while the next shard is computed.
+    """
     start = time.perf_counter()
     target = Path(output).absolute()
     check_output_path(target, force=force)
@@ -394,6 +399,8 @@ def execute(
             shutil.copy2(path, destination)
         for shard in plan.checkpoint.shards:
             written += _write_shard(plan, shard, tmp, dev, record_json, norms_out, workspace, progress)
+            if on_shard:
+                on_shard(tmp / shard.path.name)
         if plan.checkpoint.index is not None:
             index = dict(plan.checkpoint.index)
             index["metadata"] = {

@@ -106,3 +106,49 @@ def test_writing_verbs_push_with_a_flag(fake_hub: FakeHub, zoo: Zoo, tmp_path: P
         pushed["adapter_model.safetensors"] == (tmp_path / "mix" / "adapter_model.safetensors").read_bytes()
     )
     assert "adapterops combine" in pushed["README.md"].decode()  # the command is in the card
+
+
+def test_merge_push_uploads_shards_while_merging(
+    fake_hub: FakeHub, zoo: Zoo, tmp_path: Path, monkeypatch
+) -> None:
+    """Each shard is pre-uploaded from the temporary directory as soon as it is written, then one
+    commit lands; an interrupted push resumes without re-sending what the Hub has."""
+    from huggingface_hub import HfApi
+
+    base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.bfloat16, max_shard_size="20KB")
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) >= 2
+    sent: list[str] = []
+    original = HfApi.preupload_lfs_files
+
+    def spy(self, repo_id, additions, **kwargs):
+        additions = list(additions)
+        for a in additions:
+            source = a.path_or_fileobj
+            sent.append(source if isinstance(source, str) else getattr(source, "name", ""))
+        return original(self, repo_id, additions, **kwargs)
+
+    monkeypatch.setattr(HfApi, "preupload_lfs_files", spy)
+    monkeypatch.setenv("HF_TOKEN", "t")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "merge",
+            str(base),
+            str(zoo["llama_a"]),
+            "-o",
+            str(tmp_path / "merged"),
+            "--push",
+            "me/merged",
+            "-q",
+        ],
+    )
+    assert result.exit_code == 0, result.stderr
+    during = [Path(p).name for p in sent if ".merged.tmp-" in p]
+    assert sorted(during) == shards  # every shard went up from the temporary directory, mid-merge
+    files = fake_hub.files("me/merged")
+    for name in shards:
+        assert files[name] == (tmp_path / "merged" / name).read_bytes()
+    uploads = len(fake_hub.lfs_uploads)
+    ao.push_to_hub(tmp_path / "merged", "me/merged")  # nothing changed: nothing re-sent
+    assert len(fake_hub.lfs_uploads) == uploads
