@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,6 @@ class Recipe:
     text: str
     inputs: Mapping[str, str]
     steps: tuple[Step, ...]
-    lines: Mapping[str, int] = field(default_factory=dict)
 
     def resolve_path(self, value: str) -> str:
         """Local paths relative to the recipe's folder; Hub ids as they are."""
@@ -131,11 +130,13 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
+        raise RecipeError(f"{path}:{mark.line + 1 if mark else 1}: not valid YAML: {problem}") from None
     if root is None:
         raise RecipeError(f"{path}: the recipe is empty")
     top = _mapping(root, path, "the recipe", {"version", "inputs", "steps"}, {"steps"})
-    if "version" in top and _scalar(top["version"], path) != 1:
+    if "version" in top and _scalar(top["version"]) != 1:
         raise RecipeError(
             f"{path}:{_line(top['version'])}: unsupported recipe version; this adapterops reads version 1"
         )
@@ -199,7 +200,7 @@ def _line(node: Any) -> int:
     return int(node.start_mark.line) + 1
 
 
-def _scalar(node: Any, path: Path) -> Any:
+def _scalar(node: Any) -> Any:
     import yaml
 
     return yaml.safe_load(yaml.serialize(node))
@@ -229,7 +230,7 @@ def _mapping(
 
 
 def _typed(node: Any, kind: type | tuple[type, ...], path: Path, what: str) -> Any:
-    value = _scalar(node, path)
+    value = _scalar(node)
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -111,6 +111,8 @@ BAD = [
     ),
     ("version: 2\nsteps: []\n", 1, "unsupported recipe version"),
     ("inputs: {a: x}\n", 1, "the recipe is missing steps"),
+    ("inputs: {a: x}\nsteps: {a: 1}\n", 2, "steps must be a list"),
+    ("steps: [\n", 2, "not valid YAML: expected the node content"),
 ]
 
 
