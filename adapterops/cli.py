@@ -130,6 +130,18 @@ def output_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
+def dora_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--base and --form, for the verbs that accept DoRA inputs."""
+    func = click.option(
+        "--form",
+        type=click.Choice(["lora", "dora"]),
+        default="lora",
+        show_default=True,
+        help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
+    )(func)
+    return click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")(func)
+
+
 def rank_options(func: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--rank", type=click.IntRange(min=1), help="Keep the top K singular values per module."),
@@ -263,14 +275,7 @@ def _numbers(text: str) -> list[str] | None:
     is_flag=True,
     help="Combine adapters whose configs name different base models.",
 )
-@click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
-@click.option(
-    "--form",
-    type=click.Choice(["lora", "dora"]),
-    default="lora",
-    show_default=True,
-    help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
-)
+@dora_options
 @output_options
 def combine(
     adapters: tuple[str, ...],
@@ -324,14 +329,7 @@ def combine(
 
 @cli.command()
 @click.argument("adapter")
-@click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
-@click.option(
-    "--form",
-    type=click.Choice(["lora", "dora"]),
-    default="lora",
-    show_default=True,
-    help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
-)
+@dora_options
 @output_options
 def negate(
     adapter: str,
@@ -366,14 +364,7 @@ def negate(
 @cli.command()
 @click.argument("adapter")
 @click.option("--by", "factor", type=float, required=True, help="The factor F in dW -> F dW.")
-@click.option("--base", help="Base checkpoint (dir or Hub id): needed for DoRA inputs.")
-@click.option(
-    "--form",
-    type=click.Choice(["lora", "dora"]),
-    default="lora",
-    show_default=True,
-    help="Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly.",
-)
+@dora_options
 @output_options
 def scale(
     adapter: str,
