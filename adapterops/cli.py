@@ -49,6 +49,17 @@ class Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug, or input nothing checked: still one line, traceback on request
+            if os.environ.get("ADAPTEROPS_DEBUG"):
+                raise
+            click.echo(
+                f"error: unexpected {type(exc).__name__}: {exc} (set ADAPTEROPS_DEBUG=1 for the traceback, and "
+                "please report it)",
+                err=True,
+            )
+            ctx.exit(1)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -59,6 +59,8 @@ def test_base_modifying_inits_are_refused_with_the_way_out(
         ({"use_qalora": True}, "use_qalora is set"),
         ({"alora_invocation_tokens": [1, 2]}, "activated LoRA"),
         ({"r": 16, "rank_pattern": {}}, "rank 4 in its tensors but r=16"),
+        ({"lora_alpha": "eight"}, "lora_alpha must be a positive number, got 'eight'"),
+        ({"rank_pattern": {"v_proj": "two"}}, "rank_pattern must map module patterns to positive numbers"),
     ],
 )
 def test_configs_that_do_not_match_plain_lora_are_refused(zoo: Zoo, tmp_path: Path, changes, message) -> None:

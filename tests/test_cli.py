@@ -216,3 +216,23 @@ def test_cli_reference_is_up_to_date() -> None:
     script = Path(__file__).parent.parent / "scripts" / "cli_reference.py"
     result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_unexpected_failures_are_one_line_and_debug_shows_the_traceback(
+    zoo: Zoo, tmp_path: Path, monkeypatch
+) -> None:
+    import adapterops.cli as cli_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_module.ops, "negate", broken)
+    code, out, err = run("negate", zoo["llama_a"], "-o", tmp_path / "out")
+    assert (code, out) == (1, "")
+    assert (
+        err
+        == "error: unexpected RuntimeError: boom (set ADAPTEROPS_DEBUG=1 for the traceback, and please report it)\n"
+    )
+    monkeypatch.setenv("ADAPTEROPS_DEBUG", "1")
+    result = CliRunner().invoke(cli, ["negate", str(zoo["llama_a"]), "-o", str(tmp_path / "out")])
+    assert isinstance(result.exception, RuntimeError)

@@ -132,6 +132,20 @@ def check_config(config: Mapping[str, Any], path: Path | str) -> None:
         raise UnsupportedAdapterError(
             f"{path}: init_lora_weights='mica' is a LoRA variant adapterops cannot reproduce"
         )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key, 8)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise AdapterFormatError(
+                f"{path}: {key} must be a positive number, got {value!r}; fix {CONFIG_NAME}"
+            )
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in pattern.values()
+        ):
+            raise AdapterFormatError(
+                f"{path}: {key} must map module patterns to positive numbers, got {pattern!r}; fix {CONFIG_NAME}"
+            )
     for name, why in _UNSUPPORTED_FIELDS.items():
         if config.get(name):
             raise UnsupportedAdapterError(
