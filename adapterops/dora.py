@@ -109,10 +109,7 @@ def combine_with_base(
     """
     adapters = list(adapters)
     weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise InvalidInputError(
-            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
-        )
+    combine_ops.check_weight_count(weights, adapters)
     for adapter in adapters:
         if adapter.is_dora:
             _no_embeddings(adapter, "DoRA arithmetic")
@@ -191,10 +188,7 @@ def combine_as_dora(
     """
     adapters = list(adapters)
     weights = [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise InvalidInputError(
-            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
-        )
+    combine_ops.check_weight_count(weights, adapters)
     for adapter in adapters:
         _no_embeddings(adapter, "DoRA output")
     combine_ops.check_bases(adapters, force)

@@ -32,6 +32,7 @@ from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, Unsu
 from adapterops.io.atomic import atomic_output_dir, check_output_path
 from adapterops.io.checkpoint import INDEX_NAME, Checkpoint, Shard, ShardWriter, TensorEntry, read_tensor
 from adapterops.ops import apply
+from adapterops.ops.combine import check_weight_count
 
 RECORD_NAME = "adapterops_merge.json"
 TORCH_BASELINE_BYTES = 220 * 2**20  # resident after `import torch` (CPU build), measured
@@ -125,10 +126,7 @@ def plan_merge(
     if not adapters:
         raise InvalidInputError(f"{direction.value} needs at least one adapter")
     weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(adapters)
-    if len(weights) != len(adapters):
-        raise InvalidInputError(
-            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
-        )
+    check_weight_count(weights, adapters)
     located = checkpoint.locate()
     keys = set(located)
     tied = bool(checkpoint.config.get("tie_word_embeddings", False))

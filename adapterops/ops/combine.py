@@ -82,10 +82,7 @@ def combine(
     if not adapters:
         raise InvalidInputError("combine needs at least one adapter")
     weights = [1.0] * len(adapters) if weights is None else [w if callable(w) else float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise InvalidInputError(
-            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
-        )
+    check_weight_count(weights, adapters)
     if not all(callable(w) or math.isfinite(w) for w in weights):
         raise InvalidInputError(f"weights must be finite numbers, got {weights}")
     plain = [float(w) for w in weights if not callable(w)]
@@ -156,6 +153,14 @@ def combine(
         **({"sv_ratio": sv_ratio} if sv_ratio is not None else {}),
     }
     return result_adapter(adapters, modules, reports, provenance)
+
+
+def check_weight_count(weights: Sequence[object], adapters: Sequence[object]) -> None:
+    """One weight per adapter, or an error that says so (shared by combine, merge and the DoRA verbs)."""
+    if len(weights) != len(adapters):
+        raise InvalidInputError(
+            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
+        )
 
 
 def _weight_for(weight: Weight, module: str) -> float:
