@@ -118,8 +118,11 @@ def render(report: dict[str, Any], console: Console) -> None:
         facts.append("DoRA: yes (lora_magnitude_vector present)")
     for key, shape in report["full_tensors"].items():
         facts.append(f"stored whole: {key} {'x'.join(map(str, shape))}")
-    if report["provenance"]:
-        facts.append(
-            f"made by: {report['provenance'].get('command') or report['provenance'].get('operation')}"
-        )
+    provenance = report["provenance"] or {}
+    if provenance.get("command"):
+        facts.append(f"made by: {provenance['command']}")
+    elif provenance.get("recipe_step"):
+        facts.append(f"made by: recipe step {provenance['recipe_step']} ({provenance.get('operation')})")
+    elif provenance:
+        facts.append(f"made by: {provenance.get('operation')}")
     console.print("\n".join(facts), markup=False, highlight=False)

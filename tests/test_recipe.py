@@ -178,3 +178,11 @@ def test_recipe_steps_can_push_and_the_card_holds_the_recipe(
     assert result.pushed and "me/half" in result.pushed
     card = fake_hub.files("me/half")["README.md"].decode()
     assert "scale: {input: a, by: 0.5}" in card
+
+
+def test_info_names_the_recipe_step_that_made_an_output(tmp_path: Path) -> None:
+    recipe = Path(__file__).parent.parent / "recipes" / "layer-gradient.yaml"
+    run_recipe(recipe, output_dir=tmp_path)
+    result = CliRunner().invoke(cli, ["info", str(tmp_path / "out" / "gradient")])
+    assert result.exit_code == 0
+    assert "made by: recipe step gradient (combine)" in result.stdout
