@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.factories import make_adapter, tiny_conv, tiny_gpt2, tiny_llama
-from tests.hubserver import fake_hub  # noqa: F401  (fixture)
+from tests.support.factories import make_adapter, tiny_conv, tiny_gpt2, tiny_llama
+from tests.support.hubserver import fake_hub  # noqa: F401  (fixture)
 
 LLAMA_ATTN = ["q_proj", "v_proj"]
 

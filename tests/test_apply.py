@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from adapterops.adapter import LoraModule
 from adapterops.ops import apply
-from tests.rounding import nearest
+from tests.support.rounding import nearest
 
 
 def module(

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import adapterops as ao
 from adapterops.cli import cli
 from tests.conftest import Zoo
-from tests.factories import peft_deltas
+from tests.support.factories import peft_deltas
 
 
 def run(*args: str | Path) -> tuple[int, str, str]:
@@ -183,7 +183,7 @@ def test_version_and_module_entry_point() -> None:
 
 
 def test_merge_verify_unmerge_from_the_command_line(zoo: Zoo, tmp_path: Path) -> None:
-    from tests.factories import save_base_checkpoint, tiny_llama
+    from tests.support.factories import save_base_checkpoint, tiny_llama
 
     base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.bfloat16, max_shard_size="20KB")
     a, b = zoo["llama_a"], zoo["llama_b"]

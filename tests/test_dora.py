@@ -14,7 +14,7 @@ import adapterops as ao
 from adapterops.cli import cli
 from adapterops.dora import combine_with_base, to_dora, to_lora
 from tests.conftest import Zoo
-from tests.factories import (
+from tests.support.factories import (
     peft_deltas,
     peft_merged_state_dict,
     save_base_checkpoint,
@@ -34,7 +34,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def doras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tests.factories import make_adapter
+    from tests.support.factories import make_adapter
 
     root = tmp_path_factory.mktemp("doras")
     return {

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.factories import (
+from tests.support.factories import (
     base_logits,
     make_adapter,
     peft_bias_deltas,

@@ -12,7 +12,7 @@ import adapterops as ao
 from adapterops.cli import cli
 from adapterops.io.hub import parse_hub_id
 from tests.conftest import Zoo
-from tests.hubserver import FakeHub, set_offline
+from tests.support.hubserver import FakeHub, set_offline
 
 Q = "model.layers.0.self_attn.q_proj"
 

@@ -20,7 +20,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from tests.hubserver import FakeHub, fake_hub_env, set_offline, use_endpoint
+from tests.support.hubserver import FakeHub, fake_hub_env, set_offline, use_endpoint
 
 # huggingface_hub's LFS upload passes a file object as `data=`; httpx2 warns about it, not our business
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

@@ -17,15 +17,15 @@ from safetensors import safe_open
 import adapterops as ao
 from adapterops.merge import NORMS_NAME, RECORD_NAME
 from tests.conftest import Zoo
-from tests.factories import peft_deltas, peft_logits, peft_merged_state_dict, save_base_checkpoint
-from tests.rounding import nearest
+from tests.support.factories import peft_deltas, peft_logits, peft_merged_state_dict, save_base_checkpoint
+from tests.support.rounding import nearest
 
 SHARD = "20KB"  # several shards for the tiny models
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tests.factories import tiny_gpt2, tiny_llama
+    from tests.support.factories import tiny_gpt2, tiny_llama
 
     root = tmp_path_factory.mktemp("bases")
     return {
@@ -89,7 +89,7 @@ ZOO_FACTORY: dict[str, object] = {}
 
 @pytest.fixture(autouse=True)
 def _factories() -> None:
-    from tests.factories import tiny_gpt2, tiny_llama
+    from tests.support.factories import tiny_gpt2, tiny_llama
 
     ZOO_FACTORY.update(llama_bf16=tiny_llama, llama_f32=tiny_llama, gpt2_bf16=tiny_gpt2)
 
@@ -111,7 +111,7 @@ def test_shards_index_and_untouched_tensors_are_kept(zoo: Zoo, bases, tmp_path) 
 def test_transformers_loads_the_merge_and_its_logits_match_peft(zoo: Zoo, bases, tmp_path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from tests.factories import tiny_llama
+    from tests.support.factories import tiny_llama
 
     ao.merge(bases["llama_f32"], [zoo["llama_a"]], out=tmp_path / "merged")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64).eval()
@@ -142,7 +142,7 @@ def ao_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def test_dora_merge_matches_peft_and_unmerges_with_its_record(zoo: Zoo, bases, tmp_path) -> None:
-    from tests.factories import tiny_llama
+    from tests.support.factories import tiny_llama
 
     base = bases["llama_bf16"]
     ao.merge(base, [zoo["llama_dora"]], out=tmp_path / "merged")
@@ -168,7 +168,7 @@ def test_dora_merge_matches_peft_and_unmerges_with_its_record(zoo: Zoo, bases, t
 
 def test_dora_merge_on_float32_is_peft_float64_correctly_rounded(zoo: Zoo, bases, tmp_path) -> None:
     """float32 keeps 24 bits: tight enough to catch any error in the norm or the magnitude."""
-    from tests.factories import tiny_llama
+    from tests.support.factories import tiny_llama
 
     ao.merge(bases["llama_f32"], [zoo["llama_dora"]], out=tmp_path / "merged")
     after = tensors(tmp_path / "merged")
@@ -205,7 +205,7 @@ def test_verify_reports_half_an_ulp_and_finds_tampering(zoo: Zoo, bases, tmp_pat
 
 
 def test_modules_to_save_replace_and_bias_is_merged(zoo: Zoo, bases, tmp_path) -> None:
-    from tests.factories import tiny_gpt2
+    from tests.support.factories import tiny_gpt2
 
     ao.merge(bases["llama_bf16"], [zoo["llama_mts"]], out=tmp_path / "mts")
     with safe_open(zoo["llama_mts"] / "adapter_model.safetensors", "pt") as handle:
@@ -319,7 +319,7 @@ def test_cuda_merge_equals_cpu_merge(zoo: Zoo, bases, tmp_path) -> None:
 def test_base_from_the_hub_and_tied_lm_head(zoo: Zoo, fake_hub, tmp_path) -> None:
     from functools import partial
 
-    from tests.factories import make_adapter, tiny_llama
+    from tests.support.factories import make_adapter, tiny_llama
 
     fake_hub.add_repo(
         "org/tiny-llama", save_base_checkpoint(tiny_llama, tmp_path / "base", max_shard_size=SHARD)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import adapterops as ao
 from tests.conftest import ZOO, Zoo
-from tests.factories import peft_bias_deltas, peft_deltas, peft_logits
+from tests.support.factories import peft_bias_deltas, peft_deltas, peft_logits
 
 
 def close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], rtol: float) -> None:
@@ -156,7 +156,7 @@ def test_parity_with_peft_add_weighted_adapter(zoo: Zoo, tmp_path) -> None:
     """Our cat and svd equal PEFT's numbers on PEFT's own inputs; our linear is PEFT's linear."""
     from peft import PeftModel
 
-    from tests.factories import tiny_gpt2
+    from tests.support.factories import tiny_gpt2
 
     weights = [0.8, -0.5]
     model = PeftModel.from_pretrained(tiny_gpt2().double(), zoo["gpt2_a"], adapter_name="a")

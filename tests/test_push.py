@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard
 import adapterops as ao
 from adapterops.cli import cli
 from tests.conftest import Zoo
-from tests.factories import save_base_checkpoint, tiny_llama
-from tests.hubserver import FakeHub, set_offline
+from tests.support.factories import save_base_checkpoint, tiny_llama
+from tests.support.hubserver import FakeHub, set_offline
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
@@ -64,7 +64,7 @@ def test_push_a_merged_checkpoint(fake_hub: FakeHub, zoo: Zoo, tmp_path: Path, m
 
 def test_push_failures_are_one_clear_line(zoo: Zoo, tmp_path: Path, monkeypatch) -> None:
     with FakeHub(tmp_path / "hub", tokens={"good"}) as hub:
-        from tests.hubserver import fake_hub_env
+        from tests.support.hubserver import fake_hub_env
 
         fake_hub_env(monkeypatch, hub, tmp_path / "cache")
         monkeypatch.setenv("HF_TOKEN", "bad-secret")

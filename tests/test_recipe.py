@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import adapterops as ao
 from adapterops.cli import cli
 from adapterops.recipe import RecipeError, load_recipe, run_recipe, weight_function
-from tests.hubserver import FakeHub
+from tests.support.hubserver import FakeHub
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 INPUTS = Path(__file__).parent.parent / "recipes" / "inputs"

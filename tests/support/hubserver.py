@@ -16,7 +16,7 @@ Start a :class:`FakeHub` (it binds 127.0.0.1 on a free port, standard library on
         assert folder.endswith(sha)
 
 The same fixture ships here as ``fake_hub`` (client cache under ``tmp_path / "hf-cache"``); tests/conftest.py
-registers it for every test with ``from tests.hubserver import fake_hub  # noqa: F401``.
+registers it for every test with ``from tests.support.hubserver import fake_hub  # noqa: F401``.
 
 What the server implements (the URL shapes, headers and JSON fields of huggingface_hub 2.4.0; a
 ``datasets/`` or ``spaces/`` prefix, or ``/api/datasets/``, ``/api/spaces/``, selects the repo type):
