@@ -1,70 +1,105 @@
 """adapterops: exact arithmetic on LoRA adapters, on their factors.
 
     import adapterops as ao
-    a, b = ao.load_adapter("./style-a"), ao.load_adapter("org/style-b@v2")
-    mix = ao.combine([a, b], weights=[0.7, 0.3], method="svd", rank=16)
-    mix.save("./mix")
-    ao.merge("./base", [mix], out="./merged")
-    ao.push_to_hub("./merged", "me/merged")
+    mix = ao.combine(["./style-a", "org/style-b@v2"], weights=[0.7, 0.3], method="svd", rank=16)
+    ao.save_adapter(mix, "./mix")
+    ao.merge("./base", [mix], out="./merged", push_to="me/merged")
     ao.run_recipe("recipes/blend-and-merge.yaml")
 
-The math convention (dW = scale * B @ A, shapes, layouts) is stated in ``adapterops.adapter``.
+The math convention (dW = scale * B @ A, shapes, layouts) is stated in ``adapterops.adapter``;
+docs/architecture.md shows the layers. Names are loaded on first use (PEP 562), so importing
+adapterops (and running its CLI) does not import torch until a function needs it.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from adapterops.adapter import Adapter, LoraModule, ModuleKind, ModuleReport, Source
+from adapterops._version import __version__
 from adapterops.errors import (
     AdapterFormatError,
     AdapterOpsError,
+    ApproximationWarning,
     HubError,
     IncompatibleAdaptersError,
     InvalidInputError,
     NotFoundError,
     OutputExistsError,
+    RecipeError,
     UnsupportedAdapterError,
 )
-from adapterops.hub import push_to_hub
-from adapterops.io import load_adapter, save_adapter
-from adapterops.merge import MergeResult, merge, unmerge
-from adapterops.ops.combine import ApproximationWarning, Method, combine, negate, resize, scale
-from adapterops.ops.lowrank import RankPolicy
-from adapterops.recipe import RecipeError, load_recipe, run_recipe
-from adapterops.verify import VerifyReport, verify
+from adapterops.options import Form, Method
+
+# public name -> module that defines it
+_LAZY = {
+    "Adapter": "adapterops.adapter",
+    "LoraModule": "adapterops.adapter",
+    "ModuleKind": "adapterops.adapter",
+    "ModuleReport": "adapterops.adapter",
+    "Solver": "adapterops.adapter",
+    "Source": "adapterops.adapter",
+    "RankPolicy": "adapterops.ops.lowrank",
+    "load_adapter": "adapterops.io",
+    "save_adapter": "adapterops.io",
+    "combine": "adapterops.verbs",
+    "negate": "adapterops.verbs",
+    "scale": "adapterops.verbs",
+    "resize": "adapterops.verbs",
+    "to_dora": "adapterops.verbs",
+    "to_lora": "adapterops.verbs",
+    "merge": "adapterops.merging",
+    "unmerge": "adapterops.merging",
+    "plan_merge": "adapterops.merging",
+    "MergePlan": "adapterops.merging",
+    "MergeResult": "adapterops.merging",
+    "verify": "adapterops.verification",
+    "VerifyReport": "adapterops.verification",
+    "describe": "adapterops.info",
+    "push_to_hub": "adapterops.hub",
+    "load_recipe": "adapterops.recipe",
+    "run_recipe": "adapterops.recipe",
+    "plan_recipe": "adapterops.recipe",
+}
 
 __all__ = [
-    "Adapter",
     "AdapterFormatError",
     "AdapterOpsError",
     "ApproximationWarning",
+    "Form",
     "HubError",
     "IncompatibleAdaptersError",
     "InvalidInputError",
-    "LoraModule",
-    "MergeResult",
     "Method",
-    "ModuleKind",
-    "ModuleReport",
     "NotFoundError",
     "OutputExistsError",
-    "RankPolicy",
     "RecipeError",
-    "Source",
     "UnsupportedAdapterError",
-    "VerifyReport",
     "__version__",
-    "combine",
-    "load_adapter",
-    "load_recipe",
-    "merge",
-    "negate",
-    "push_to_hub",
-    "resize",
-    "run_recipe",
-    "save_adapter",
-    "scale",
-    "unmerge",
-    "verify",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'adapterops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names __getattr__ provides
+    from adapterops.adapter import Adapter, LoraModule, ModuleKind, ModuleReport, Solver, Source
+    from adapterops.hub import push_to_hub
+    from adapterops.info import describe
+    from adapterops.io import load_adapter, save_adapter
+    from adapterops.merging import MergePlan, MergeResult, merge, plan_merge, unmerge
+    from adapterops.ops.lowrank import RankPolicy
+    from adapterops.recipe import load_recipe, plan_recipe, run_recipe
+    from adapterops.verbs import combine, negate, resize, scale, to_dora, to_lora
+    from adapterops.verification import VerifyReport, verify

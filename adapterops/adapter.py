@@ -18,7 +18,9 @@ rsLoRA), with rank_pattern and alpha_pattern resolved for this module.
 
 DoRA modules carry ``magnitude`` (PEFT's ``lora_magnitude_vector``, one entry per output row);
 their effective update also depends on the base weight, so factor arithmetic alone cannot be
-applied to them (see ``ops``).
+applied to them (see ``ops.dora``).
+
+Nothing here reads or writes files: ``adapterops.io`` does (``load_adapter``, ``save_adapter``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,6 +103,14 @@ class LoraModule:
         return replace(self, A=A, B=B, scale=scale, bias=bias, magnitude=None)
 
 
+class Solver(str, Enum):
+    """How an operation factored a module: QR of its factors, a full SVD, or a randomized one."""
+
+    FACTORS = "factors"
+    DENSE = "dense"
+    RANDOMIZED = "randomized"
+
+
 @dataclass(frozen=True)
 class ModuleReport:
     """What an operation did to one module: ranks in and out and the share of dW it kept.
@@ -115,11 +124,11 @@ class ModuleReport:
     rank_out: int
     energy_kept: float = 1.0
     rel_error: float = 0.0
-    solver: str = "factors"  # factors (QR of the factors), dense (full SVD), randomized (subspace iteration)
+    solver: Solver = Solver.FACTORS
     seconds: float = 0.0  # time spent on this module, where an operation measures it
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "solver": Solver(self.solver).value}
 
 
 @dataclass(frozen=True)
@@ -178,9 +187,3 @@ class Adapter:
 
     def describe(self) -> str:
         return self.source.describe() if self.source else "<in memory>"
-
-    def save(self, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> None:
-        """Write as a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)."""
-        from adapterops.io.peft import save_adapter
-
-        save_adapter(self, path, force=force, dtype=dtype)

@@ -1,12 +1,44 @@
-"""Every error adapterops raises on purpose.
+"""Every error and warning adapterops raises on purpose.
 
-Each class also inherits the builtin a caller would catch without knowing adapterops
-(``except ValueError`` still works). Messages follow one shape: what is wrong, where
-(file, module, key, shape), and how to fix it. The CLI prints the message as one line and
-exits with the class's ``exit_code``; a traceback appears only with ``ADAPTEROPS_DEBUG=1``.
+Each error class also inherits the builtin a caller would catch without knowing adapterops
+(``except ValueError`` still works): a script written against plain Python keeps working, and
+the CLI maps the class to an exit code. Messages follow one shape: what is wrong, where (file,
+module, key, shape), and how to fix it. The CLI prints the message as one line and exits with the
+class's ``exit_code``; a traceback appears only with ``ADAPTEROPS_DEBUG=1``.
+
+A message that tells the user which option to change names it with ``param``, so it reads
+``--sv-ratio`` on the command line and ``sv_ratio`` from Python.
 """
 
 from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_SPELLING: contextvars.ContextVar[str] = contextvars.ContextVar("adapterops_spelling", default="python")
+
+
+def param(name: str, value: object = None) -> str:
+    """How the caller spells option ``name`` (with ``value``): ``--sv-ratio 20`` or ``sv_ratio=20``.
+
+    Example: ``param("allow_different_bases", True)`` -> ``allow_different_bases=True`` from
+    Python, ``--allow-different-bases`` from the CLI (a flag carries no value there).
+    """
+    if _SPELLING.get() == "cli":
+        flag = "--" + name.replace("_", "-")
+        return flag if value is None or value is True else f"{flag} {value}"
+    return name if value is None else f"{name}={value}"
+
+
+@contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within this block, ``param`` spells options as command-line flags (the CLI wraps each command)."""
+    token = _SPELLING.set("cli")
+    try:
+        yield
+    finally:
+        _SPELLING.reset(token)
 
 
 class AdapterOpsError(Exception):
@@ -16,7 +48,7 @@ class AdapterOpsError(Exception):
 
 
 class InvalidInputError(AdapterOpsError, ValueError):
-    """An argument or an input file holds something adapterops cannot use as given."""
+    """An argument or an input file holds something adapterops cannot use as given (a ValueError)."""
 
     exit_code = 2
 
@@ -33,19 +65,27 @@ class IncompatibleAdaptersError(InvalidInputError):
     """Two inputs cannot be combined: different shapes for one module, different base models, ..."""
 
 
+class RecipeError(InvalidInputError):
+    """A recipe file is not valid; the message names the file and line."""
+
+
 class NotFoundError(AdapterOpsError, FileNotFoundError):
-    """A local path or a Hub repository, revision or file does not exist."""
+    """A local path or a Hub repository, revision or file does not exist (a FileNotFoundError)."""
 
     exit_code = 3
 
 
 class OutputExistsError(AdapterOpsError, FileExistsError):
-    """The output path exists and ``force`` was not given."""
+    """The output path exists and overwriting was not asked for (a FileExistsError)."""
 
     exit_code = 4
 
 
 class HubError(AdapterOpsError, ConnectionError):
-    """The Hub could not be reached, or refused the request."""
+    """The Hub could not be reached, or refused the request (a ConnectionError)."""
 
     exit_code = 5
+
+
+class ApproximationWarning(UserWarning):
+    """An operation returned something other than the exact result, on request; the error is reported."""

@@ -11,94 +11,57 @@ import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from adapterops.card import render_card
 from adapterops.errors import HubError, InvalidInputError, NotFoundError
+from adapterops.io.peft import read_tensors
+from adapterops.io.peft_config import CONFIG_NAME
+from adapterops.provenance import RECORD_KEY, RECORD_NAME
 
-RECORD_NAME = "adapterops_merge.json"
+
+class OutputKind(str, Enum):
+    ADAPTER = "adapter"
+    CHECKPOINT = "checkpoint"
 
 
 @dataclass(frozen=True)
-class Output:
+class LocalOutput:
     """What a local directory holds: a PEFT adapter or a transformers checkpoint, and its lineage."""
 
     path: Path
-    kind: str  # "adapter" | "checkpoint"
+    kind: OutputKind
     base_model: str | None
     provenance: Mapping[str, Any]
 
 
-def inspect_output(path: str | Path) -> Output:
+def inspect_output(path: str | Path) -> LocalOutput:
     """Recognize an adapterops output (or any adapter / checkpoint) and read its lineage record."""
     root = Path(path)
     if not root.is_dir():
         raise NotFoundError(f"{root}: no such directory; pass an adapter or checkpoint directory to push")
-    if (root / "adapter_config.json").is_file():
-        from adapterops.io.peft import PROVENANCE_KEY, read_tensors
-
-        config = json.loads((root / "adapter_config.json").read_text())
+    if (root / CONFIG_NAME).is_file():
+        config = json.loads((root / CONFIG_NAME).read_text())
         _, metadata, _ = read_tensors(root)
-        provenance = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else {}
-        return Output(root, "adapter", config.get("base_model_name_or_path"), provenance)
+        provenance = json.loads(metadata[RECORD_KEY]) if RECORD_KEY in metadata else {}
+        return LocalOutput(root, OutputKind.ADAPTER, config.get("base_model_name_or_path"), provenance)
     if (root / "config.json").is_file() and any(root.glob("*.safetensors")):
         record = json.loads((root / RECORD_NAME).read_text()) if (root / RECORD_NAME).is_file() else {}
         history = record.get("history") or [{}]
-        return Output(root, "checkpoint", history[-1].get("base"), record)
+        base = history[0].get("base") or {}
+        return LocalOutput(root, OutputKind.CHECKPOINT, base.get("repo_id"), record)
     raise InvalidInputError(
         f"{root}: neither a PEFT adapter (adapter_config.json) nor a safetensors checkpoint (config.json and "
         "*.safetensors); nothing to push"
     )
 
 
-def model_card(output: Output, repo_id: str | None = None) -> str:
-    """A README.md with card data (library, base model, tags) and a lineage section."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from adapterops import __version__
-
-    tags = ["adapterops", "lora"] + (["merge"] if output.kind == "checkpoint" else [])
-    base = output.base_model if output.base_model and "/" in output.base_model else None
-    data = ModelCardData(
-        library_name="peft" if output.kind == "adapter" else "transformers", base_model=base, tags=tags
-    )
+def model_card(output: LocalOutput, repo_id: str | None = None) -> str:
+    """The card a push uploads: ``card.render_card`` titled with the repo id."""
     title = repo_id or output.path.name
-    lines = [f"# {title}", "", _what(output), "", "## Lineage", ""]
-    lines += _lineage(output.provenance) or ["No adapterops record: this output was not made by adapterops."]
-    lines += ["", f"Card written by adapterops {__version__}.", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).content
-
-
-def _what(output: Output) -> str:
-    if output.kind == "adapter":
-        return "A LoRA adapter. Load it with `PeftModel.from_pretrained(base_model, repo_id)`."
-    return "A checkpoint with LoRA adapters merged in. Load it with `AutoModelForCausalLM.from_pretrained(repo_id)`."
-
-
-def _lineage(provenance: Mapping[str, Any]) -> list[str]:
-    lines: list[str] = []
-    if provenance.get("command"):
-        lines += ["```", str(provenance["command"]), "```", ""]
-    if provenance.get("recipe"):
-        lines += ["Recipe:", "", "```yaml", str(provenance["recipe"]).rstrip(), "```", ""]
-    for key in ("operation", "method", "weights", "rank", "energy", "sv_ratio", "by", "base", "summary"):
-        if provenance.get(key) is not None:
-            lines.append(f"- {key}: `{provenance[key]}`")
-    inputs = provenance.get("inputs") or []
-    for record in provenance.get("merged", []):
-        inputs = [*inputs, record]
-    for item in inputs:
-        where = item.get("repo_id") or item.get("path")
-        revision = f" @ `{item['revision']}`" if item.get("revision") else ""
-        sha = f", sha256 `{item['sha256']}`" if item.get("sha256") else ""
-        weight = f", weight {item['weight']}" if "weight" in item else ""
-        lines.append(f"- input: `{where}`{revision}{sha}{weight}")
-    if provenance.get("adapterops_version"):
-        lines.append(f"- made with adapterops {provenance['adapterops_version']}")
-    for step in provenance.get("history", []):
-        names = ", ".join(str(a.get("repo_id") or a.get("path")) for a in step.get("adapters", []))
-        lines.append(f"- {step.get('operation')}: {names} (adapterops {step.get('adapterops_version')})")
-    return lines
+    return render_card(output.kind.value, title, output.provenance, base_model=output.base_model)
 
 
 class ShardUploader:
@@ -209,7 +172,7 @@ def _commit(
     repo_id: str,
     operations: list[Any],
     sent: Mapping[str, Any],
-    output: Output,
+    output: LocalOutput,
     private: bool,
     revision: str | None,
     commit_message: str | None,
@@ -226,7 +189,7 @@ def _commit(
         info = api.create_commit(
             repo_id,
             operations,
-            commit_message=commit_message or f"Upload {output.kind} made with adapterops",
+            commit_message=commit_message or f"Upload {output.kind.value} made with adapterops",
             revision=revision,
         )
     return str(info.commit_url)

@@ -148,8 +148,8 @@ def test_output_that_exists_is_not_overwritten_without_force(zoo: Zoo, tmp_path:
     with pytest.raises(
         ao.OutputExistsError, match="already exists; choose another output path or pass --force"
     ):
-        adapter.save(out)
+        ao.save_adapter(adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
-    adapter.save(out, force=True)
+    ao.save_adapter(adapter, out, force=True)
     assert not (out / "keep.txt").exists() and (out / "adapter_config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary siblings left

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import adapterops as ao
 from adapterops.cli import cli
-from adapterops.dora import combine_with_base, to_dora, to_lora
+from adapterops.verbs import combine, to_dora, to_lora
 from tests.conftest import Zoo
 from tests.support.factories import (
     peft_deltas,
@@ -88,7 +88,7 @@ def as_matrix(delta: torch.Tensor, name: str, family: str) -> torch.Tensor:
 def test_to_dora_merges_to_the_same_weights_in_peft(zoo: Zoo, bases, tmp_path, family) -> None:
     lora = {"llama": "llama_a", "gpt2": "gpt2_a", "conv": "conv_a"}[family]
     dora = to_dora(ao.load_adapter(zoo[lora]), bases[family])
-    dora.save(tmp_path / "dora")
+    ao.save_adapter(dora, tmp_path / "dora")
     config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
     assert config["use_dora"] is True
     want = peft_merged_state_dict(FACTORIES[family], zoo[lora], dtype=torch.float64)
@@ -104,7 +104,7 @@ def test_to_lora_is_the_optimal_rank_k_approximation(bases, doras, tmp_path, fam
     k = 2
     lora = to_lora(ao.load_adapter(doras[family]), bases[family], rank=k, exact_limit=exact_limit)
     assert not lora.is_dora
-    lora.save(tmp_path / "lora")
+    ao.save_adapter(lora, tmp_path / "lora")
     got = peft_deltas(FACTORIES[family], tmp_path / "lora")
     reports = {r.name: r for r in lora.report}
     for name, delta in effective(family, doras[family]).items():
@@ -122,7 +122,7 @@ def test_to_lora_is_the_optimal_rank_k_approximation(bases, doras, tmp_path, fam
 def test_lora_to_dora_to_lora_at_full_rank_is_exact(zoo: Zoo, bases, tmp_path) -> None:
     lora = ao.load_adapter(zoo["llama_a"])
     back = to_lora(to_dora(lora, bases["llama"]), bases["llama"], rank=4)
-    back.save(tmp_path / "back")
+    ao.save_adapter(back, tmp_path / "back")
     want = peft_deltas(tiny_llama, zoo["llama_a"])
     got = peft_deltas(tiny_llama, tmp_path / "back")
     for name, value in want.items():
@@ -135,7 +135,7 @@ def test_combine_dora_and_lora_with_base_reports_its_error_truthfully(
 ) -> None:
     dora, lora = ao.load_adapter(doras["llama"]), ao.load_adapter(zoo["llama_a"])
     mix = ao.combine([dora, lora], [0.6, 0.4], base=bases["llama"], method="svd", rank=3)
-    mix.save(tmp_path / "mix")
+    ao.save_adapter(mix, tmp_path / "mix")
     got = peft_deltas(tiny_llama, tmp_path / "mix")
     eff, ref = effective("llama", doras["llama"]), peft_deltas(tiny_llama, zoo["llama_a"])
     reports = {r.name: r for r in mix.report}
@@ -153,9 +153,9 @@ def test_combine_dora_and_lora_with_base_reports_its_error_truthfully(
     assert all(r.rel_error > 0 for r in default.report)  # DoRA's update is not rank 4
 
 
-def test_combine_with_base_checks_the_base(doras, bases) -> None:
+def test_combine_with_a_base_checks_the_base(doras, bases) -> None:
     with pytest.raises(ao.IncompatibleAdaptersError, match="no tensor model.layers.0.mlp.down_proj.weight"):
-        combine_with_base([ao.load_adapter(doras["llama"])], [1.0], bases["gpt2"])
+        combine([ao.load_adapter(doras["llama"])], [1.0], base=bases["gpt2"])
     with pytest.raises(ao.UnsupportedAdapterError, match="pass the base checkpoint"):
         ao.negate(ao.load_adapter(doras["llama"]))
 
@@ -208,8 +208,7 @@ def test_cli_to_dora_to_lora_info(bases, doras, zoo: Zoo, tmp_path) -> None:
 
 
 def test_randomized_solver_widens_until_the_energy_target_is_met() -> None:
-    from adapterops.ops.dora import best_low_rank
-    from adapterops.ops.lowrank import RankPolicy
+    from adapterops.ops.lowrank import RankPolicy, best_low_rank
 
     gen = torch.Generator().manual_seed(0)
     U = torch.linalg.qr(torch.randn(400, 300, generator=gen, dtype=torch.float64))[0]
@@ -232,7 +231,7 @@ def test_dora_output_holds_any_weighted_sum_exactly(zoo: Zoo, bases, doras, tmp_
     inputs, weights = [doras[family], zoo[lora]], [0.7, -0.4]
     mix = ao.combine([ao.load_adapter(p) for p in inputs], weights, base=bases[family], form="dora")
     assert mix.is_dora
-    mix.save(tmp_path / "mix")
+    ao.save_adapter(mix, tmp_path / "mix")
     factory = FACTORIES[family]
     base = factory().double().state_dict()
     merged = [peft_merged_state_dict(factory, p, dtype=torch.float64) for p in inputs]

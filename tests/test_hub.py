@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import adapterops as ao
 from adapterops.cli import cli
-from adapterops.io.hub import parse_hub_id
+from adapterops.io.refs import parse_hub_id
 from tests.conftest import Zoo
 from tests.support.hubserver import FakeHub, set_offline
 

@@ -101,10 +101,10 @@ def test_policies_choose_as_documented() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"rank": 0}, "rank must be a positive integer"),
+        ({"rank": 0}, "rank must be >= 1, got 0"),
         ({"energy": 1.5}, "energy must be in (0, 1]"),
         ({"sv_ratio": 0.5}, "sv_ratio must be >= 1"),
-        ({"rank": 4, "energy": 0.9}, "give one of rank, energy, sv_ratio, not rank and energy"),
+        ({"rank": 4, "energy": 0.9}, "give one of rank=K, energy=F or sv_ratio=R, not rank and energy"),
     ],
 )
 def test_policy_rejects_bad_targets(kwargs: dict[str, float], message: str) -> None:

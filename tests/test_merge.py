@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 import adapterops as ao
-from adapterops.merge import NORMS_NAME, RECORD_NAME
+from adapterops.provenance import NORMS_NAME, RECORD_NAME
 from tests.conftest import Zoo
 from tests.support.factories import peft_deltas, peft_logits, peft_merged_state_dict, save_base_checkpoint
 from tests.support.rounding import nearest
@@ -136,7 +136,7 @@ def test_unmerge_gives_back_the_base_within_one_step(zoo: Zoo, bases, tmp_path) 
 
 
 def ao_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from adapterops.ops.apply import ulp
+    from adapterops.ops.rounding import ulp
 
     return ulp(x, dtype)
 
@@ -223,9 +223,11 @@ def test_modules_to_save_replace_and_bias_is_merged(zoo: Zoo, bases, tmp_path) -
 
 def test_merging_twice_needs_force_and_unlisted_unmerge_warns(zoo: Zoo, bases, tmp_path) -> None:
     ao.merge(bases["llama_bf16"], [zoo["llama_a"]], out=tmp_path / "once")
-    with pytest.raises(ao.InvalidInputError, match="is already merged into this checkpoint .* pass --force"):
+    with pytest.raises(
+        ao.InvalidInputError, match="is already merged into this checkpoint .* pass remerge=True"
+    ):
         ao.merge(tmp_path / "once", [zoo["llama_a"]], out=tmp_path / "twice")
-    ao.merge(tmp_path / "once", [zoo["llama_a"]], out=tmp_path / "twice", force=True)
+    ao.merge(tmp_path / "once", [zoo["llama_a"]], out=tmp_path / "twice", remerge=True)
     record = json.loads((tmp_path / "twice" / RECORD_NAME).read_text())
     assert len(record["merged"]) == 2
     with pytest.warns(UserWarning, match="is not listed in the checkpoint's merge record"):

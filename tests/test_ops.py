@@ -279,7 +279,7 @@ def test_different_base_models_need_force() -> None:
         ao.combine([a, b])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ao.combine([a, b], force=True)
+        ao.combine([a, b], allow_different_bases=True)
     assert any("different base models" in str(w.message) for w in caught)
 
 

@@ -55,7 +55,7 @@ def test_reading_dora_keeps_the_magnitude(zoo: Zoo) -> None:
 @pytest.mark.parametrize("method", ["exact", "cat"])
 def test_combined_output_loads_in_peft_as_the_weighted_sum(zoo: Zoo, tmp_path, a, b, weights, method) -> None:
     mix = ao.combine([ao.load_adapter(zoo[a]), ao.load_adapter(zoo[b])], weights, method=method)
-    mix.save(tmp_path / "mix")
+    ao.save_adapter(mix, tmp_path / "mix")
     got = peft_deltas(zoo.factory(a), tmp_path / "mix")
     ref_a, ref_b = peft_deltas(zoo.factory(a), zoo[a]), peft_deltas(zoo.factory(b), zoo[b])
     want = {n: weights[0] * ref_a.get(n, 0) + weights[1] * ref_b.get(n, 0) for n in set(ref_a) | set(ref_b)}
@@ -72,7 +72,7 @@ def test_combined_output_loads_in_peft_as_the_weighted_sum(zoo: Zoo, tmp_path, a
 def test_svd_output_is_optimal_for_its_rank(zoo: Zoo, tmp_path, a, b) -> None:
     k = 3
     mix = ao.combine([ao.load_adapter(zoo[a]), ao.load_adapter(zoo[b])], [1.0, 0.5], method="svd", rank=k)
-    mix.save(tmp_path / "mix")
+    ao.save_adapter(mix, tmp_path / "mix")
     got = peft_deltas(zoo.factory(a), tmp_path / "mix")
     ref_a, ref_b = peft_deltas(zoo.factory(a), zoo[a]), peft_deltas(zoo.factory(b), zoo[b])
     reports = {r.name: r for r in mix.report}
@@ -91,7 +91,7 @@ def test_svd_output_is_optimal_for_its_rank(zoo: Zoo, tmp_path, a, b) -> None:
 def test_forward_pass_of_the_combined_adapter_matches_float64_math(zoo: Zoo, tmp_path) -> None:
     """Logits of PeftModel(mix) equal those of the base model with W + 0.7 dW_a - 0.3 dW_b written in."""
     mix = ao.combine([ao.load_adapter(zoo["llama_a"]), ao.load_adapter(zoo["llama_b"])], [0.7, -0.3])
-    mix.save(tmp_path / "mix")
+    ao.save_adapter(mix, tmp_path / "mix")
     inputs = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
     got = peft_logits(zoo.factory("llama_a"), tmp_path / "mix", inputs)
     ref_a = peft_deltas(zoo.factory("llama_a"), zoo["llama_a"])
@@ -109,20 +109,20 @@ def test_forward_pass_of_the_combined_adapter_matches_float64_math(zoo: Zoo, tmp
 def test_negate_scale_resize_outputs_load_in_peft(zoo: Zoo, tmp_path, name: str) -> None:
     adapter = ao.load_adapter(zoo[name])
     ref = peft_deltas(zoo.factory(name), zoo[name])
-    ao.negate(adapter).save(tmp_path / "neg")
+    ao.save_adapter(ao.negate(adapter), tmp_path / "neg")
     close(peft_deltas(zoo.factory(name), tmp_path / "neg"), {n: -d for n, d in ref.items()}, rtol=1e-12)
-    ao.scale(adapter, 0.3).save(tmp_path / "scaled")
+    ao.save_adapter(ao.scale(adapter, 0.3), tmp_path / "scaled")
     close(
         peft_deltas(zoo.factory(name), tmp_path / "scaled"), {n: 0.3 * d for n, d in ref.items()}, rtol=1e-12
     )
     full_rank = max(m.rank for m in adapter.modules.values())
-    ao.resize(adapter, rank=full_rank).save(tmp_path / "same")
+    ao.save_adapter(ao.resize(adapter, rank=full_rank), tmp_path / "same")
     close(peft_deltas(zoo.factory(name), tmp_path / "same"), ref, rtol=1e-5)
 
 
 def test_lora_bias_is_combined_and_loads(zoo: Zoo, tmp_path) -> None:
     adapter = ao.load_adapter(zoo["gpt2_bias"])
-    ao.combine([adapter, ao.load_adapter(zoo["gpt2_b"])], [0.5, 1.0]).save(tmp_path / "mix")
+    ao.save_adapter(ao.combine([adapter, ao.load_adapter(zoo["gpt2_b"])], [0.5, 1.0]), tmp_path / "mix")
     got = peft_bias_deltas(zoo.factory("gpt2_bias"), tmp_path / "mix")
     want = peft_bias_deltas(zoo.factory("gpt2_bias"), zoo["gpt2_bias"])
     close(got, {n: 0.5 * d for n, d in want.items()}, rtol=1e-6)
@@ -131,7 +131,7 @@ def test_lora_bias_is_combined_and_loads(zoo: Zoo, tmp_path) -> None:
 def test_modules_to_save_are_carried_and_loaded(zoo: Zoo, tmp_path) -> None:
     adapter = ao.load_adapter(zoo["llama_mts"])
     assert set(adapter.full_tensors) == {"lm_head.weight"}
-    ao.combine([adapter, ao.load_adapter(zoo["llama_a"])], [1.0, 1.0]).save(tmp_path / "mix")
+    ao.save_adapter(ao.combine([adapter, ao.load_adapter(zoo["llama_a"])], [1.0, 1.0]), tmp_path / "mix")
     with safe_open(zoo["llama_mts"] / "adapter_model.safetensors", "pt") as f:
         head = f.get_tensor("base_model.model.lm_head.weight")
     with safe_open(tmp_path / "mix" / "adapter_model.safetensors", "pt") as f:
@@ -142,7 +142,7 @@ def test_modules_to_save_are_carried_and_loaded(zoo: Zoo, tmp_path) -> None:
 
 def test_provenance_is_written_into_metadata_and_card(zoo: Zoo, tmp_path) -> None:
     a, b = ao.load_adapter(zoo["llama_a"]), ao.load_adapter(zoo["llama_b"])
-    ao.combine([a, b], [0.7, 0.3], method="svd", rank=4).save(tmp_path / "mix")
+    ao.save_adapter(ao.combine([a, b], [0.7, 0.3], method="svd", rank=4), tmp_path / "mix")
     with safe_open(tmp_path / "mix" / "adapter_model.safetensors", "pt") as f:
         record = json.loads(f.metadata()["adapterops"])
     assert record["weights"] == [0.7, 0.3] and record["method"] == "svd" and record["rank"] == 4
@@ -178,7 +178,7 @@ def test_parity_with_peft_add_weighted_adapter(zoo: Zoo, tmp_path) -> None:
             )
             mine = ao.combine([a, b], weights, **ours)
             peft_name = f"peft_{combination}"
-        mine.save(tmp_path / combination)
+        ao.save_adapter(mine, tmp_path / combination)
         got = peft_deltas(tiny_gpt2, tmp_path / combination)
         for module_name, module in model.base_model.model.named_modules():
             if hasattr(module, "lora_A") and peft_name in module.lora_A:

@@ -23,7 +23,7 @@ def test_push_an_adapter_with_its_lineage_card(
     fake_hub: FakeHub, zoo: Zoo, tmp_path: Path, monkeypatch
 ) -> None:
     a, b = ao.load_adapter(zoo["llama_a"]), ao.load_adapter(zoo["llama_b"])
-    ao.combine([a, b], [0.7, 0.3], method="svd", rank=4).save(tmp_path / "mix")
+    ao.save_adapter(ao.combine([a, b], [0.7, 0.3], method="svd", rank=4), tmp_path / "mix")
     monkeypatch.setenv("HF_TOKEN", "secret-token-123")
     url = ao.push_to_hub(tmp_path / "mix", "me/mix", private=True)
     assert "me/mix" in url

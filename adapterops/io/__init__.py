@@ -1,12 +1,23 @@
-"""Everything that touches disk or network: adapter formats, output directories, Hub resolution."""
+"""Everything that touches disk or network: one module per format, output directories, Hub resolution.
+
+    refs.py              a local directory or Hub id -> a local folder
+    peft.py              PEFT adapter directory <-> Adapter (tensors, keys, layouts)
+    peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
+    safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
+    checkpoint.py        checkpoint directories: shards, key matching, layouts, base weights
+    atomic.py            whole-or-nothing output directories
+
+A new adapter format is one module here plus an entry in ``load_adapter``'s dispatch.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from adapterops.adapter import Adapter, Source
-from adapterops.io.hub import resolve
-from adapterops.io.peft import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, read_adapter, save_adapter
+from adapterops.io.peft import BIN_NAME, SAFETENSORS_NAME, read_adapter, save_adapter
+from adapterops.io.peft_config import CONFIG_NAME
+from adapterops.io.refs import resolve
 
 __all__ = ["load_adapter", "save_adapter"]
 

@@ -1,145 +1,42 @@
-"""Hugging Face safetensors checkpoints, one tensor at a time.
+"""Hugging Face safetensors checkpoints: which tensors a directory holds, and where.
 
 A checkpoint is a directory with ``model.safetensors``, or shards listed in
-``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file). A safetensors file is
-an 8-byte little-endian header length, a JSON header (name -> dtype, shape, data_offsets relative
-to the end of the header, plus an optional ``__metadata__`` of strings), then the tensor bytes.
+``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file), plus ``config.json``
+and other files (tokenizer, generation config) that outputs copy as they are.
 
-Reading parses headers only and fetches single tensors with ``os.pread``: no mmap, so a merge's
-resident memory stays about one tensor, not the pages of everything it has read. Writing needs no
-incremental writer from the safetensors package: the output header is known before any tensor is
-computed (same names, dtypes, shapes and offsets as the input), so it is written first and the
-tensor bytes follow in order.
+``Checkpoint.find_tensor`` maps an adapter's module name onto the one tensor it updates, and
+``layout_for`` fixes the module's layout from the checkpoint's config (GPT-2 Conv1D).
+``BaseWeights`` reads single base weights for the operations that need them (DoRA).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from adapterops.errors import AdapterFormatError, NotFoundError
-from adapterops.io.hub import resolve
+from adapterops.adapter import LoraModule, ModuleKind
+from adapterops.errors import (
+    AdapterFormatError,
+    IncompatibleAdaptersError,
+    NotFoundError,
+    UnsupportedAdapterError,
+)
+from adapterops.io.refs import resolve
+from adapterops.io.safetensors_file import Shard, TensorEntry, read_header, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # weight files in other formats would hold the *unmerged* weights: never copied into an output
 FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot")
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-MAX_HEADER = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a shard: ``begin``/``end`` are offsets into the data section."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def header(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "data_offsets": [self.begin, self.end]}
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A safetensors file's layout: its tensors in file order and where their bytes start."""
-
-    path: Path
-    data_start: int
-    entries: tuple[TensorEntry, ...]
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def data_size(self) -> int:
-        return self.entries[-1].end if self.entries else 0
-
-
-def read_header(path: Path) -> Shard:
-    """Parse and check a safetensors header: offsets contiguous, in order, within the file."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) < 8:
-            raise AdapterFormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
-        length = int.from_bytes(raw, "little")
-        if length > min(MAX_HEADER, size - 8):
-            raise AdapterFormatError(
-                f"{path}: header length {length} does not fit the file; it is truncated or not safetensors"
-            )
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterFormatError(
-                f"{path}: header is not valid JSON ({exc}); the file is corrupt"
-            ) from exc
-    metadata = header.pop("__metadata__", None) or {}
-    entries = []
-    for name, info in header.items():
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            entry = TensorEntry(name, str(info["dtype"]), tuple(int(d) for d in info["shape"]), begin, end)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterFormatError(f"{path}: header entry {name!r} is malformed ({exc})") from exc
-        if entry.dtype not in DTYPES:
-            raise AdapterFormatError(
-                f"{path}: tensor {name} has dtype {entry.dtype}, which adapterops cannot handle"
-            )
-        entries.append(entry)
-    entries.sort(key=lambda e: e.begin)
-    position = 0
-    for entry in entries:
-        element = torch.empty((), dtype=entry.torch_dtype).element_size()
-        expected = element * _numel(entry.shape)
-        if entry.begin != position or entry.nbytes != expected:
-            raise AdapterFormatError(
-                f"{path}: tensor {entry.name} occupies bytes {entry.begin}-{entry.end}, expected "
-                f"{position}-{position + expected}; the file is corrupt"
-            )
-        position = entry.end
-    data_start = 8 + length
-    if data_start + position != size:
-        raise AdapterFormatError(
-            f"{path}: {size} bytes on disk but the header describes {data_start + position}; the file is "
-            "truncated or was modified: download or save it again"
-        )
-    return Shard(path=path, data_start=data_start, entries=tuple(entries), metadata=dict(metadata))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+# model types whose linear layers are GPT-2 Conv1D (weight stored in x out), whatever the adapter says
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt"}
 
 
 @dataclass(frozen=True)
@@ -153,8 +50,18 @@ class Checkpoint:
     repo_id: str | None = None
     revision: str | None = None
 
-    def locate(self) -> dict[str, tuple[Shard, TensorEntry]]:
+    @cached_property
+    def tensors(self) -> Mapping[str, tuple[Shard, TensorEntry]]:
+        """Every tensor name -> (its shard, its entry)."""
         return {e.name: (shard, e) for shard in self.shards for e in shard.entries}
+
+    def locate(self) -> dict[str, tuple[Shard, TensorEntry]]:
+        return dict(self.tensors)
+
+    @property
+    def tied(self) -> bool:
+        """lm_head shares the input embedding's tensor (``tie_word_embeddings``)."""
+        return bool(self.config.get("tie_word_embeddings", False))
 
     @property
     def total_size(self) -> int:
@@ -166,6 +73,61 @@ class Checkpoint:
 
     def describe(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.root)
+
+    def find_tensor(self, module: str, suffix: str = ".weight") -> str:
+        """The one tensor an adapter module name refers to.
+
+        Tried in order: ``<module><suffix>``; the module name with leading components dropped (adapter
+        trained on a wrapper, checkpoint of the inner model); checkpoint keys that end with
+        ``.<module><suffix>`` (checkpoint saved from a wrapper). Anything else is an error naming it.
+
+        Example: module ``base_model.model.model.layers.0.q_proj`` finds ``model.layers.0.q_proj.weight``.
+        """
+        keys = self.tensors
+        exact = f"{module}{suffix}"
+        if exact in keys:
+            return exact
+        parts = module.split(".")
+        for i in range(1, len(parts)):
+            candidate = ".".join(parts[i:]) + suffix
+            if candidate in keys:
+                return candidate
+        ends = [k for k in keys if k.endswith(f".{exact}")]
+        if len(ends) == 1:
+            return ends[0]
+        if len(ends) > 1:
+            raise IncompatibleAdaptersError(
+                f"module {module} matches several tensors in {self.describe()}: {sorted(ends)}"
+            )
+        if self.tied and parts[-1] == "lm_head":
+            raise UnsupportedAdapterError(
+                f"module {module}: {self.describe()} ties lm_head to the input embedding (tie_word_embeddings), "
+                "so there is no separate lm_head tensor to merge into; untie the weights first"
+            )
+        raise IncompatibleAdaptersError(
+            f"module {module}: no tensor {exact} in {self.describe()}; the adapter was trained on another model "
+            "(check base_model_name_or_path in its adapter_config.json)"
+        )
+
+    def layout_for(self, module: LoraModule) -> LoraModule:
+        """The module with its layout fixed by this checkpoint: GPT-2 style models store linear weights
+        as Conv1D (in x out), whatever the adapter config's fan_in_fan_out says (PEFT corrects it too)."""
+        conv1d = self.config.get("model_type") in CONV1D_MODEL_TYPES
+        if conv1d and module.kind is ModuleKind.LINEAR and not module.transposed:
+            return replace(module, transposed=True)
+        return module
+
+    def check_shape(self, module: LoraModule, entry: TensorEntry, who: str) -> None:
+        """``module`` (from adapter ``who``) updates a weight of ``entry``'s shape, or an error says why not."""
+        if module.weight_shape == entry.shape:
+            return
+        hint = ""
+        if module.kind is ModuleKind.LINEAR and module.weight_shape[::-1] == entry.shape:
+            hint = " (stored transposed: set fan_in_fan_out in the adapter config to match the base model)"
+        raise IncompatibleAdaptersError(
+            f"{who}: module {module.name} updates a {module.weight_shape} weight but {entry.name} in "
+            f"{self.describe()} is {entry.shape}{hint}; the adapter was trained on another model"
+        )
 
     def other_files(self) -> Iterator[Path]:
         """Files to copy into an output as they are: everything but the weights and their index."""
@@ -216,92 +178,22 @@ def open_checkpoint(ref: str | Path) -> Checkpoint:
     return Checkpoint(root, shards, index, config, resolved.repo_id, resolved.revision)
 
 
-def read_tensor(
-    handle: BinaryIO, shard: Shard, entry: TensorEntry, *, pin: bool = False, into: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One tensor's bytes with ``os.pread``, into ``into`` (a uint8 buffer at least ``entry.nbytes``
-    long, reused by the caller) or fresh, optionally pinned, memory."""
-    numel = _numel(entry.shape)
-    if into is not None:
-        out = into[: entry.nbytes].view(entry.torch_dtype)
-    else:
-        out = torch.empty(numel, dtype=entry.torch_dtype, pin_memory=pin)
-    view = out.view(torch.uint8).numpy().data if numel else memoryview(b"")
-    done = 0
-    while done < entry.nbytes:
-        n = os.preadv(handle.fileno(), [view[done:]], shard.data_start + entry.begin + done)
-        if n <= 0:
-            raise AdapterFormatError(f"{shard.path}: unexpected end of file reading {entry.name}")
-        done += n
-    return out.reshape(entry.shape)
+class BaseWeights:
+    """A checkpoint seen as ``module -> W`` in math layout (out, in), float64, one tensor per call."""
 
+    def __init__(self, ref: str | Path | Checkpoint) -> None:
+        self.checkpoint = ref if isinstance(ref, Checkpoint) else open_checkpoint(ref)
 
-class ShardWriter:
-    """Writes a safetensors file whose header is fixed up front; tensors then arrive in order."""
+    def resolve(self, module: LoraModule) -> LoraModule:
+        """The module with its layout fixed by the checkpoint (``Checkpoint.layout_for``)."""
+        return self.checkpoint.layout_for(module)
 
-    def __init__(self, path: Path, entries: tuple[TensorEntry, ...], metadata: Mapping[str, str]) -> None:
-        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-        header.update({e.name: e.header() for e in entries})
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-        self.path = path
-        self.handle = path.open("wb")
-        self.handle.write(len(raw).to_bytes(8, "little") + raw)
-        self.data_start = 8 + len(raw)
-        self.expected = iter(entries)
-
-    def write(self, entry: TensorEntry, tensor: torch.Tensor) -> None:
-        self._check_position(entry)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            self.handle.write(data.view(torch.uint8).numpy().data)
-
-    def copy(self, entry: TensorEntry, source: BinaryIO, shard: Shard) -> None:
-        """The input's bytes for ``entry`` as they are, copied by the kernel where it can."""
-        self._check_position(entry)
-        self.handle.flush()
-        remaining, offset = entry.nbytes, shard.data_start + entry.begin
-        while remaining:
-            try:
-                n = os.copy_file_range(source.fileno(), self.handle.fileno(), remaining, offset)
-            except OSError:
-                n = 0
-            if n <= 0:  # no kernel copy on this filesystem: plain reads
-                chunk = os.pread(source.fileno(), min(remaining, 1 << 24), offset)
-                self.handle.write(chunk)
-                n = len(chunk)
-            else:
-                self.handle.seek(0, os.SEEK_END)
-            remaining -= n
-            offset += n
-
-    def _check_position(self, entry: TensorEntry) -> None:
-        expected = next(self.expected)
-        if expected.name != entry.name or self.handle.tell() != self.data_start + entry.begin:
-            raise RuntimeError(f"{self.path}: wrote {entry.name} out of order (expected {expected.name})")
-
-    def close(self) -> None:
-        # no fsync: atomicity comes from the final rename; durability across power loss is the
-        # filesystem's, as for cp
-        self.handle.close()
-
-
-def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """A safetensors file with a byte-for-byte reproducible header (sorted names and metadata keys).
-
-    safetensors' own writer keeps metadata in a hash map, so its key order, and the file's bytes,
-    change from run to run.
-    """
-    entries, position = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        dtype = next(k for k, v in DTYPES.items() if v == tensor.dtype)
-        nbytes = tensor.numel() * tensor.element_size()
-        entries.append(TensorEntry(name, dtype, tuple(tensor.shape), position, position + nbytes))
-        position += nbytes
-    writer = ShardWriter(path, tuple(entries), dict(sorted(metadata.items())))
-    try:
-        for entry in entries:
-            writer.write(entry, tensors[entry.name])
-    finally:
-        writer.close()
+    def weight(self, module: LoraModule, who: str) -> torch.Tensor:
+        """W for ``module`` (already resolved) as a contiguous float64 (out, in) matrix, shape-checked."""
+        key = self.checkpoint.find_tensor(module.name)
+        shard, entry = self.checkpoint.tensors[key]
+        self.checkpoint.check_shape(module, entry, who)
+        with shard.path.open("rb") as handle:
+            W = read_tensor(handle, shard, entry).double()
+        W = W.T if module.transposed else W.reshape(W.shape[0], -1)
+        return W.contiguous()

@@ -1,10 +1,11 @@
-"""Weighted sums of adapters, and the single-adapter verbs built on them (negate, scale, resize).
+"""Weighted sums of LoRA modules on their factors, and the one per-module loop every verb uses.
 
 For weights w_i, every module any input touches gets
 
     dW_out = sum_i w_i * dW_i = sum_i (w_i s_i) B_i A_i = [c_1 B_1 | c_2 B_2 | ...] @ [A_1; A_2; ...]
 
-with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Methods:
+with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Methods
+(``options.Method``):
 
 - ``exact`` (default): that sum, re-factored to its numerical rank when smaller than the
   concatenated rank (cancellation, shared directions), else kept concatenated.
@@ -12,20 +13,22 @@ with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Method
 - ``svd``: the best rank-k form of the exact sum (``lowrank.svd_of_product``), k from a ``RankPolicy``.
 - ``linear``: PEFT's ``linear`` combination, A = sum sign(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i.
   Not the weighted sum (it adds cross terms B_i A_j); offered for parity, its error is reported.
+
+DoRA modules are not handled here: their update depends on the base weight (``ops.dora``).
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
-from typing import Any
+from dataclasses import replace
 
 import torch
 
 from adapterops.adapter import Adapter, LoraModule, ModuleReport
-from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, UnsupportedAdapterError
+from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, param
 from adapterops.ops.lowrank import (
     RankPolicy,
     compute_dtype,
@@ -33,253 +36,50 @@ from adapterops.ops.lowrank import (
     relative,
     svd_of_product,
 )
+from adapterops.options import Method
 
 Progress = Callable[[str], None]
-
-
-class Method(str, Enum):
-    EXACT = "exact"
-    CAT = "cat"
-    SVD = "svd"
-    LINEAR = "linear"
-
-
-class ApproximationWarning(UserWarning):
-    """An operation returned something other than the exact weighted sum, on request."""
-
-
 Weight = float | Callable[[str], float]  # a number, or a function of the module name
+Terms = list[tuple[float, LoraModule]]
+ModuleFn = Callable[[str, Terms], tuple[LoraModule, ModuleReport]]
 
 
-def combine(
-    adapters: Sequence[Adapter],
-    weights: Sequence[Weight] | None = None,
-    *,
-    method: Method | str = Method.EXACT,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    force: bool = False,
-    progress: Progress | None = None,
-    base: Any = None,
-    form: str = "lora",
-) -> Adapter:
-    """The adapter whose update is ``sum_i weights[i] * dW_i`` for every module (see module docstring).
+def map_modules(
+    adapters: Sequence[Adapter], weights: Sequence[Weight], fn: ModuleFn, progress: Progress | None = None
+) -> tuple[dict[str, LoraModule], tuple[ModuleReport, ...]]:
+    """The one per-module loop: ``fn(name, [(w_i, module_i), ...])`` for every module any input has.
 
-    DoRA inputs need ``base`` (a checkpoint path, Hub id or ``Checkpoint``): their effective
-    updates are summed densely per module and re-factored (``dora.combine_with_base``).
-    ``form="dora"`` (with ``base``) returns a DoRA adapter instead, which holds any such sum
-    exactly (``dora.combine_as_dora``).
-
-    ``weights`` defaults to 1 for every input. A weight may be a function of the module name
-    (per-module filters, layer gradients: see ``adapterops.recipe``). ``rank``/``energy``/``sv_ratio`` choose the output
-    rank for ``method="svd"`` (one of them is required there). ``force`` accepts inputs whose
-    configs name different base models. The result's ``report`` holds one ``ModuleReport`` per
-    module; its ``provenance`` records inputs, weights and method.
+    Modules are visited in name order; each gets the weights of the inputs that have it (a weight
+    may be a function of the module name), after a check that their shapes agree. Each report
+    records the seconds its module took.
     """
-    method = _method(method)
-    adapters = list(adapters)
-    if not adapters:
-        raise InvalidInputError("combine needs at least one adapter")
-    weights = [1.0] * len(adapters) if weights is None else [w if callable(w) else float(w) for w in weights]
-    check_weight_count(weights, adapters)
-    if not all(callable(w) or math.isfinite(w) for w in weights):
-        raise InvalidInputError(f"weights must be finite numbers, got {weights}")
-    plain = [float(w) for w in weights if not callable(w)]
-    needs_base = form == "dora" or (base is not None and any(a.is_dora for a in adapters))
-    if needs_base and len(plain) != len(weights):
-        raise InvalidInputError("per-module weights (filters, gradients) are not supported with DoRA yet")
-    policy = RankPolicy(rank=rank, energy=energy, sv_ratio=sv_ratio)
-    if method is Method.SVD and policy.is_exact:
-        raise InvalidInputError("method svd needs a target: --rank K, --energy F or --sv-ratio R")
-    if method is not Method.SVD and not policy.is_exact:
-        raise InvalidInputError(f"--rank/--energy/--sv-ratio apply to method svd, not {method.value}")
-    if form not in ("lora", "dora"):
-        raise InvalidInputError(f"unknown output form {form!r}; choose lora or dora")
-    if form == "dora":
-        if base is None:
-            raise InvalidInputError("a DoRA output needs the base checkpoint (--base)")
-        if method is not Method.EXACT or not policy.is_exact:
-            raise InvalidInputError("a DoRA output is exact: drop --method/--rank/--energy/--sv-ratio")
-        from adapterops.dora import combine_as_dora
-
-        return combine_as_dora(adapters, plain, base, force=force, progress=progress)
-    if base is not None and any(a.is_dora for a in adapters):
-        if method not in (Method.EXACT, Method.SVD):
-            raise InvalidInputError(
-                f"DoRA inputs are combined by SVD of their effective updates, not {method.value}"
-            )
-        from adapterops.dora import combine_with_base
-
-        return combine_with_base(
-            adapters,
-            plain,
-            base,
-            policy=None if policy.is_exact else policy,
-            force=force,
-            progress=progress,
-        )
-    _check_inputs(adapters, force)
-
-    names = sorted({name for a in adapters for name in a.modules})
     modules: dict[str, LoraModule] = {}
     reports: list[ModuleReport] = []
-    for name in names:
+    for name in sorted({name for a in adapters for name in a.modules}):
+        start = time.perf_counter()
         terms = [
-            (_weight_for(w, name), a.modules[name])
+            (weight_for(w, name), a.modules[name])
             for w, a in zip(weights, adapters, strict=True)
             if name in a.modules
         ]
-        check_same_module(name, [m for _, m in terms], adapters)
-        module, report = combine_module(terms, method, policy)
+        check_same_module(name, [m for _, m in terms])
+        module, report = fn(name, terms)
         modules[name] = module
-        reports.append(report)
+        reports.append(replace(report, seconds=time.perf_counter() - start))
         if progress:
             progress(name)
-    if method is Method.LINEAR:
-        worst = max(r.rel_error for r in reports)
-        warnings.warn(
-            f"method linear is PEFT's approximation, not the weighted sum: worst module relative error {worst:.3g}",
-            ApproximationWarning,
-            stacklevel=2,
-        )
-    provenance = {
-        "operation": "combine",
-        "method": method.value,
-        "weights": [getattr(w, "spec", repr(w)) if callable(w) else w for w in weights],
-        "inputs": [input_record(a) for a in adapters],
-        **({"rank": rank} if rank is not None else {}),
-        **({"energy": energy} if energy is not None else {}),
-        **({"sv_ratio": sv_ratio} if sv_ratio is not None else {}),
-    }
-    return result_adapter(adapters, modules, reports, provenance)
+    return modules, tuple(reports)
 
 
-def check_weight_count(weights: Sequence[object], adapters: Sequence[object]) -> None:
-    """One weight per adapter, or an error that says so (shared by combine, merge and the DoRA verbs)."""
-    if len(weights) != len(adapters):
-        raise InvalidInputError(
-            f"got {len(weights)} weights for {len(adapters)} adapters; give one weight per adapter"
-        )
-
-
-def _weight_for(weight: Weight, module: str) -> float:
-    value = float(weight(module)) if callable(weight) else weight
-    if not math.isfinite(value):
-        raise InvalidInputError(f"module {module}: weight {value} is not a finite number")
-    return value
-
-
-def negate(adapter: Adapter, *, base: Any = None, form: str = "lora") -> Adapter:
-    """dW -> -dW for every module: B changes sign, nothing else (bit-exact). DoRA needs ``base``."""
-    return _single("negate", adapter, -1.0, base, form)
-
-
-def scale(adapter: Adapter, by: float, *, base: Any = None, form: str = "lora") -> Adapter:
-    """dW -> by * dW for every module: the factor goes into the scale, factors unchanged (a negative
-    ``by`` also flips B's sign)."""
-    if not math.isfinite(by):
-        raise InvalidInputError(f"scale factor must be a finite number, got {by}")
-    return _single("scale", adapter, float(by), base, form)
-
-
-def resize(
-    adapter: Adapter,
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    progress: Progress | None = None,
-) -> Adapter:
-    """Best low-rank form of each module of one adapter (Eckart-Young on dW, from the factors).
-
-    Exactly one of ``rank``, ``energy`` (fraction of ||dW||_F^2 to keep) or ``sv_ratio`` (keep
-    singular values within this factor of the largest). Modules already at or below the target rank
-    are re-factored losslessly.
-    """
-    policy = RankPolicy(rank=rank, energy=energy, sv_ratio=sv_ratio)
-    if policy.is_exact:
-        raise InvalidInputError("resize needs a target: --rank K, --energy F or --sv-ratio R")
-    out = combine(
-        [adapter], [1.0], method=Method.SVD, rank=rank, energy=energy, sv_ratio=sv_ratio, progress=progress
-    )
-    provenance = dict(out.provenance or {}, operation="resize")
-    provenance.pop("weights", None)
-    provenance.pop("method", None)
-    return Adapter(out.modules, out.full_tensors, out.config, None, provenance, out.report)
-
-
-# ------------------------------------------------------------------------------------------ internals
-
-
-def _method(method: Method | str) -> Method:
-    try:
-        return Method(method)
-    except ValueError:
-        choices = ", ".join(m.value for m in Method)
-        raise InvalidInputError(f"unknown method {method!r}; choose one of {choices}") from None
-
-
-def _check_inputs(adapters: Sequence[Adapter], force: bool) -> None:
-    _refuse_dora(adapters)
-    check_bases(adapters, force)
-
-
-def _refuse_dora(adapters: Sequence[Adapter]) -> None:
-    for adapter in adapters:
-        if adapter.is_dora:
-            raise UnsupportedAdapterError(
-                f"{adapter.describe()}: DoRA adapter (lora_magnitude_vector): its update depends on the base "
-                "weights, so factor arithmetic alone would be wrong; pass the base checkpoint (--base)"
-            )
-
-
-def check_bases(adapters: Sequence[Adapter], force: bool) -> None:
-    """Refuse (or, with ``force``, warn about) inputs that name different base models."""
-    bases = {_base_identity(a) for a in adapters} - {None}
-    if len(bases) > 1:
-        listing = ", ".join(f"{a.describe()} -> {_base_identity(a)}" for a in adapters)
-        message = f"inputs were trained on different base models ({listing})"
-        if not force:
-            raise IncompatibleAdaptersError(
-                f"{message}; pass --allow-different-bases (force=True) if they share the same architecture"
-            )
-        warnings.warn(message, UserWarning, stacklevel=3)
-
-
-def _base_identity(adapter: Adapter) -> str | None:
-    """The base model an adapter names: its base_model_name_or_path, else its model class."""
-    if adapter.base_model:
-        return adapter.base_model
-    mapping = adapter.config.get("auto_mapping") or {}
-    return mapping.get("base_model_class") if isinstance(mapping, dict) else None
-
-
-def check_same_module(name: str, modules: Sequence[LoraModule], adapters: Sequence[Adapter]) -> None:
-    first = modules[0]
-    for other in modules[1:]:
-        if (other.out_features, other.in_features, other.kind, other.kernel_size) != (
-            first.out_features,
-            first.in_features,
-            first.kind,
-            first.kernel_size,
-        ):
-            raise IncompatibleAdaptersError(
-                f"module {name}: shapes differ between inputs ({first.kind.value} {first.weight_shape} vs "
-                f"{other.kind.value} {other.weight_shape}); the adapters are for different models"
-            )
-
-
-def combine_module(
-    terms: Sequence[tuple[float, LoraModule]], method: Method, policy: RankPolicy
-) -> tuple[LoraModule, ModuleReport]:
+def combine_module(terms: Terms, method: Method, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """sum_i w_i s_i B_i A_i for one module, represented as ``method`` says (module docstring)."""
     first = terms[0][1]
     dtype = compute_dtype(*(t for _, m in terms for t in (m.A, m.B)))
     coeffs = [w * m.scale for w, m in terms]
     As = [m.A.to(dtype) for _, m in terms]
     Bs = [m.B.to(dtype) for _, m in terms]
     rank_in = sum(a.shape[0] for a in As)
-    bias = bias_sum(terms, coeffs, dtype)
+    bias = bias_sum(terms, dtype)
 
     if len(terms) == 1 and method in (Method.EXACT, Method.CAT):
         # one term: keep the stored factors bit for bit, the weight goes into the scale
@@ -307,7 +107,7 @@ def combine_module(
     if policy.rank is not None and policy.rank > min(shape):
         raise InvalidInputError(
             f"module {first.name}: rank {policy.rank} exceeds what a {shape[0]}x{shape[1]} update can have "
-            f"({min(shape)}); choose --rank {min(shape)} or less"
+            f"({min(shape)}); choose {param('rank', min(shape))} or less"
         )
     factored = svd_of_product(B_cat, A_cat)
     reference = max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(coeffs, As, Bs, strict=True))
@@ -324,6 +124,107 @@ def combine_module(
     energy_kept = 1.0 if total == 0 else 1.0 - tail / total
     report = ModuleReport(first.name, rank_in, k, energy_kept=energy_kept, rel_error=relative(tail, total))
     return _finish(first, A, B, bias), report
+
+
+def bias_sum(terms: Terms, dtype: torch.dtype) -> torch.Tensor | None:
+    """Effective lora_B bias of the sum, sum_i w_i s_i b_i; None when no input has one."""
+    if all(m.bias is None for _, m in terms):
+        return None
+    total = torch.zeros(terms[0][1].out_features, dtype=dtype)
+    for w, m in terms:
+        if m.bias is not None:
+            total += w * m.scale * m.bias.to(dtype)
+    return total
+
+
+def weight_for(weight: Weight, module: str) -> float:
+    """A weight's value for ``module``: the number, or the function's value, checked finite."""
+    value = float(weight(module)) if callable(weight) else weight
+    if not math.isfinite(value):
+        raise InvalidInputError(f"module {module}: weight {value} is not a finite number")
+    return value
+
+
+def check_weights(weights: Sequence[Weight] | None, count: int) -> list[Weight]:
+    """One finite weight (or weight function) per input; ``None`` means 1 each."""
+    if weights is None:
+        return [1.0] * count
+    checked = [w if callable(w) else float(w) for w in weights]
+    if len(checked) != count:
+        raise InvalidInputError(
+            f"got {len(checked)} weights for {count} adapters; give one weight per adapter"
+        )
+    if not all(callable(w) or math.isfinite(w) for w in checked):
+        raise InvalidInputError(f"weights must be finite numbers, got {list(weights)}")
+    return checked
+
+
+def check_bases(adapters: Sequence[Adapter], allow_different_bases: bool) -> None:
+    """Refuse (or, when allowed, warn about) inputs that name different base models."""
+    bases = {_base_identity(a) for a in adapters} - {None}
+    if len(bases) > 1:
+        listing = ", ".join(f"{a.describe()} -> {_base_identity(a)}" for a in adapters)
+        message = f"inputs were trained on different base models ({listing})"
+        if not allow_different_bases:
+            raise IncompatibleAdaptersError(
+                f"{message}; pass {param('allow_different_bases', True)} if they share the same architecture"
+            )
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _base_identity(adapter: Adapter) -> str | None:
+    """The base model an adapter names: its base_model_name_or_path, else its model class."""
+    if adapter.base_model:
+        return adapter.base_model
+    mapping = adapter.config.get("auto_mapping") or {}
+    return mapping.get("base_model_class") if isinstance(mapping, dict) else None
+
+
+def check_same_module(name: str, modules: Sequence[LoraModule]) -> None:
+    """All inputs' versions of module ``name`` update a weight of the same shape and kind."""
+    first = modules[0]
+    for other in modules[1:]:
+        if (other.out_features, other.in_features, other.kind, other.kernel_size) != (
+            first.out_features,
+            first.in_features,
+            first.kind,
+            first.kernel_size,
+        ):
+            raise IncompatibleAdaptersError(
+                f"module {name}: shapes differ between inputs ({first.kind.value} {first.weight_shape} vs "
+                f"{other.kind.value} {other.weight_shape}); the adapters are for different models"
+            )
+
+
+def merged_full_tensors(adapters: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """The inputs' whole tensors (modules_to_save): carried over; two different values are an error."""
+    full: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}
+    for adapter in adapters:
+        for key, tensor in adapter.full_tensors.items():
+            if key in full and not torch.equal(full[key], tensor):
+                raise IncompatibleAdaptersError(
+                    f"{owner[key]} and {adapter.describe()} both carry a full replacement for {key} "
+                    "(modules_to_save) with different values; a weighted sum of replacements is undefined: "
+                    "drop it from one input"
+                )
+            full.setdefault(key, tensor)
+            owner.setdefault(key, adapter.describe())
+    return full
+
+
+def result_adapter(
+    adapters: Sequence[Adapter],
+    modules: Mapping[str, LoraModule],
+    reports: Sequence[ModuleReport],
+) -> Adapter:
+    """The adapter holding ``modules``, with the inputs' whole tensors and the first input's config."""
+    return Adapter(
+        modules, merged_full_tensors(adapters), dict(adapters[0].config), None, None, tuple(reports)
+    )
+
+
+# ------------------------------------------------------------------------------------------ internals
 
 
 def _finish(like: LoraModule, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LoraModule:
@@ -351,55 +252,3 @@ def _linear(
         torch.cat([B, *(-b for b in exact_B)], dim=1), torch.cat([A, *As], dim=0)
     )
     return A, B, error / exact if exact else 0.0
-
-
-def bias_sum(
-    terms: Sequence[tuple[float, LoraModule]], coeffs: Sequence[float], dtype: torch.dtype
-) -> torch.Tensor | None:
-    """Effective lora_B bias of the sum, sum_i c_i b_i; None when no input has one."""
-    if all(m.bias is None for _, m in terms):
-        return None
-    total = torch.zeros(terms[0][1].out_features, dtype=dtype)
-    for c, (_, m) in zip(coeffs, terms, strict=True):
-        if m.bias is not None:
-            total += c * m.bias.to(dtype)
-    return total
-
-
-def _single(operation: str, adapter: Adapter, factor: float, base: Any = None, form: str = "lora") -> Adapter:
-    out = combine([adapter], [factor], method=Method.EXACT, base=base, form=form)
-    provenance: dict[str, Any] = {"operation": operation, "inputs": (out.provenance or {}).get("inputs", [])}
-    if (out.provenance or {}).get("base"):
-        provenance["base"] = (out.provenance or {})["base"]
-    if operation == "scale":
-        provenance["by"] = factor
-    return Adapter(out.modules, out.full_tensors, out.config, None, provenance, out.report)
-
-
-def input_record(adapter: Adapter) -> dict[str, Any]:
-    record: dict[str, Any] = adapter.source.as_dict() if adapter.source else {"path": "<in memory>"}
-    if adapter.provenance:
-        record["made_by"] = adapter.provenance
-    return record
-
-
-def result_adapter(
-    adapters: Sequence[Adapter],
-    modules: Mapping[str, LoraModule],
-    reports: Sequence[ModuleReport],
-    provenance: dict[str, Any],
-) -> Adapter:
-    full: dict[str, torch.Tensor] = {}
-    owner: dict[str, str] = {}
-    for adapter in adapters:
-        for key, tensor in adapter.full_tensors.items():
-            if key in full and not torch.equal(full[key], tensor):
-                raise IncompatibleAdaptersError(
-                    f"{owner[key]} and {adapter.describe()} both carry a full replacement for {key} "
-                    "(modules_to_save) with different values; a weighted sum of replacements is undefined: "
-                    "drop it from one input"
-                )
-            full.setdefault(key, tensor)
-            owner.setdefault(key, adapter.describe())
-    config = dict(adapters[0].config)
-    return Adapter(modules, full, config, None, provenance, tuple(reports))

@@ -1,113 +1,172 @@
-"""DoRA math on one module at a time, given its base weight W (float64, math layout (out, in)).
+"""DoRA math on one module at a time, given its base weight W (math layout (out, in)). Pure.
 
-    V = W + s B A,   n = ||V||_row,   W' = m / n * V
-    dW_eff = W' - W = (m/n - 1) * W + (m/n) * s B A        (row scaling)
+    V = W + s B A,   n = ||V||_row,   W' = m / n * V                       (PEFT's merge)
+    dW_eff = W' - W = (m/n - 1) * W + (m/n) * s B A                       (row scaling)
 
 LoRA -> DoRA is exact: m = n keeps W' = V. DoRA -> LoRA is not: dW_eff is full rank in general,
-so the best rank-k approximation is taken (``best_low_rank``), and its error is reported.
+so the best rank-k approximation is taken (``sum_as_lora``), and its error is reported. Any
+weighted sum of DoRA and LoRA updates is exactly a DoRA module (``sum_as_dora``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 
-from adapterops.adapter import LoraModule
-from adapterops.errors import InvalidInputError
-from adapterops.ops.lowrank import RankPolicy
+from adapterops.adapter import LoraModule, ModuleReport
+from adapterops.errors import InvalidInputError, UnsupportedAdapterError, param
+from adapterops.ops.combine import Terms, bias_sum, combine_module
+from adapterops.ops.kernels import math_view
+from adapterops.ops.lowrank import RankPolicy, best_low_rank
+from adapterops.ops.rounding import round_to
+from adapterops.options import Method
+
+
+def _augment_(V: torch.Tensor, module: LoraModule, sign: float = 1.0) -> torch.Tensor:
+    """V += sign * s B A in place, in V's dtype and device; V is (out, in)."""
+    return V.addmm_(
+        module.B.to(device=V.device, dtype=V.dtype),
+        module.A.to(device=V.device, dtype=V.dtype),
+        alpha=sign * module.scale,
+    )
+
+
+def augmented(W: torch.Tensor, module: LoraModule) -> torch.Tensor:
+    """V = W + s B A as a new float64 (out, in) matrix (W in math layout)."""
+    return _augment_(W.to(torch.float64, copy=True), module)
 
 
 def row_norms(W: torch.Tensor, module: LoraModule) -> torch.Tensor:
     """n = ||W + s B A|| per output row, float64."""
-    V = torch.addmm(W, module.B.double(), module.A.double(), alpha=module.scale)
-    return torch.linalg.vector_norm(V, dim=1)
+    return torch.linalg.vector_norm(augmented(W, module), dim=1)
 
 
 def effective_delta(W: torch.Tensor, module: LoraModule) -> torch.Tensor:
     """dW_eff = W' - W for a DoRA module, or s B A for a LoRA module; dense float64 (out, in)."""
-    V = torch.addmm(W, module.B.double(), module.A.double(), alpha=module.scale)
-    if module.magnitude is None:
-        return V.sub_(W)
-    n = torch.linalg.vector_norm(V, dim=1)
-    V.mul_((module.magnitude.double() / n)[:, None])
+    V = augmented(W, module)
+    if module.magnitude is not None:
+        V.mul_((module.magnitude.double() / torch.linalg.vector_norm(V, dim=1))[:, None])
     return V.sub_(W)
 
 
-@dataclass(frozen=True)
-class LowRank:
-    """Factors of a rank-k approximation of a dense M, and how good it is."""
+def dora_merge(
+    W: torch.Tensor,
+    module: LoraModule,
+    *,
+    compute: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's DoRA merge of a stored weight: (W' in W's dtype, the row norms n in ``compute``, on the CPU)."""
+    magnitude = _magnitude(module)
+    X = W.to(device=device, dtype=compute, copy=True)
+    M = _augment_(math_view(X, module), module)
+    norm = torch.linalg.vector_norm(M, dim=1)
+    M.mul_((magnitude.to(device=device, dtype=compute) / norm)[:, None])
+    return round_to(X, W.dtype).cpu(), norm.cpu()
 
-    A: torch.Tensor  # (k, in)
-    B: torch.Tensor  # (out, k)
-    energy_kept: float  # ||B A||_F^2 / ||M||_F^2
-    rel_error: float  # ||M - B A||_F / ||M||_F, computed exactly
-    solver: str
+
+def dora_unmerge(
+    W: torch.Tensor,
+    module: LoraModule,
+    norm: torch.Tensor,
+    *,
+    compute: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Inverse of ``dora_merge`` given the row norms it returned: W = W' * n / m - s B A."""
+    magnitude = _magnitude(module)
+    X = W.to(device=device, dtype=compute, copy=True)
+    M = math_view(X, module)
+    M.mul_((norm.to(device=device, dtype=compute) / magnitude.to(device=device, dtype=compute))[:, None])
+    _augment_(M, module, sign=-1.0)
+    return round_to(X, W.dtype).cpu()
 
 
-def best_low_rank(M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 1024, seed: int = 0) -> LowRank:
-    """Best rank-k approximation of a dense float64 matrix, k chosen by ``policy``.
+def _magnitude(module: LoraModule) -> torch.Tensor:
+    if module.magnitude is None:
+        raise InvalidInputError(f"module {module.name} is not a DoRA module (no lora_magnitude_vector)")
+    return module.magnitude
 
-    Matrices with min(out, in) <= ``exact_limit`` get a full float64 SVD (exact Eckart-Young).
-    Larger ones get a randomized range finder with 4 power iterations in float32 (Halko, Martinsson,
-    Tropp 2011), widened until the target is met, or replaced by the exact SVD once the sketch would
-    be a quarter of the smaller side wide; the reported error is measured exactly either way.
+
+def sum_as_lora(
+    W: torch.Tensor, terms: Terms, policy: RankPolicy, *, exact_limit: int = 1024
+) -> tuple[LoraModule, ModuleReport]:
+    """sum_i w_i dW_eff_i (DoRA or LoRA terms) as a LoRA module: its best low-rank form.
+
+    W is the module's float64 base weight in math layout; the terms' layouts must match it. With an
+    exact ``policy`` the rank is the sum of the input ranks (capped by the shape). The report
+    holds the exact relative error and the solver.
     """
-    out, inp = M.shape
-    if policy.rank is not None and policy.rank > min(out, inp):
+    first = terms[0][1]
+    total = torch.zeros_like(W)
+    for w, m in terms:
+        total.add_(effective_delta(W, m), alpha=w)
+    rank_in = sum(m.rank for _, m in terms)
+    target = policy if not policy.is_exact else RankPolicy(rank=min(rank_in, *W.shape))
+    low = best_low_rank(total, target, exact_limit=exact_limit)
+    dtype = first.A.dtype
+    bias = bias_sum(terms, torch.float64)
+    module = replace(
+        first,
+        A=low.A.to(dtype),
+        B=low.B.to(dtype),
+        scale=1.0,
+        bias=None if bias is None else bias.to(dtype),
+        magnitude=None,
+    )
+    return module, ModuleReport(
+        first.name, rank_in, low.A.shape[0], low.energy_kept, low.rel_error, low.solver
+    )
+
+
+def sum_as_dora(W: torch.Tensor, terms: Terms) -> tuple[LoraModule, ModuleReport]:
+    """sum_i w_i dW_eff_i as a DoRA module, exactly (any mix of DoRA and LoRA terms).
+
+    With d_i = m_i / n_i for a DoRA term and d_i = 1 for a LoRA term (row vectors),
+
+        W + sum_i w_i dW_eff_i = g * (W + L),   g = 1 + sum_i w_i (d_i - 1),
+                                               L = sum_i (w_i d_i s_i / g) B_i A_i
+
+    so the result has factors [w_i d_i s_i / g * B_i] and [A_i] (rank sum r_i, re-factored to its
+    numerical rank) and magnitude m = g * ||W + L||_row. Refused where some row has g = 0 (that row
+    of the result is W-free, which no DoRA row can express).
+    """
+    first = terms[0][1]
+    name = first.name
+    if any(m.bias is not None for _, m in terms):
+        raise UnsupportedAdapterError(f"module {name}: lora_bias with DoRA output is not supported")
+    ratios = [
+        m.magnitude.double() / row_norms(W, m) if m.magnitude is not None else torch.ones(W.shape[0]).double()
+        for _, m in terms
+    ]
+    g = torch.ones(W.shape[0], dtype=W.dtype)
+    for (w, _), d in zip(terms, ratios, strict=True):
+        g += w * (d - 1)
+    if bool((g.abs() < 1e-6).any()):
+        row = int(torch.nonzero(g.abs() < 1e-6)[0])
         raise InvalidInputError(
-            f"rank {policy.rank} exceeds what a {out}x{inp} update can have ({min(out, inp)})"
+            f"module {name}, row {row}: the weights cancel the base weight there (g = 0), which no DoRA "
+            f"module can express; use the default LoRA output ({param('form', 'lora')})"
         )
-    total = float(M.pow(2).sum())
-    if total == 0.0:
-        return LowRank(M.new_zeros(1, inp), M.new_zeros(out, 1), 1.0, 0.0, "dense")
-    if min(out, inp) <= exact_limit:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        k = _choose(policy, S, total, (out, inp))
-        return _factors(M, U[:, :k], S[:k], Vh[:k], total, "dense")
-    width = (policy.rank or 32) + 16
-    generator = torch.Generator(device=M.device).manual_seed(seed)
-    M32 = M.float()
-    while True:
-        width = min(width, min(out, inp))
-        if policy.rank is None and 4 * width >= min(out, inp):  # as costly as the exact SVD by now
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            k = _choose(policy, S, total, (out, inp))
-            return _factors(M, U[:, :k], S[:k], Vh[:k], total, "dense")
-        U, S, Vh = _randomized_svd(M32, width, generator)
-        k = _choose(policy, S, total, (out, inp))
-        if k < width - 8 or policy.rank is not None:
-            return _factors(M, U[:, :k].double(), S[:k].double(), Vh[:k].double(), total, "randomized")
-        width *= 2
-
-
-def _randomized_svd(M: torch.Tensor, width: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    omega = torch.randn(M.shape[1], width, generator=generator, dtype=M.dtype, device=M.device)
-    Q = torch.linalg.qr(M @ omega)[0]
-    for _ in range(4):
-        Q = torch.linalg.qr(M.T @ Q)[0]
-        Q = torch.linalg.qr(M @ Q)[0]
-    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
-    return Q @ Ub, S, Vh
-
-
-def _choose(policy: RankPolicy, S: torch.Tensor, total: float, shape: tuple[int, int]) -> int:
-    """k from singular values S (possibly only the leading ones) and the exact total energy."""
-    if policy.energy is not None:
-        cumulative = torch.cumsum(S.double() ** 2, 0) / total
-        reached = torch.nonzero(cumulative >= policy.energy * (1 - 1e-12))
-        return int(reached[0]) + 1 if reached.numel() else S.numel()
-    return max(1, policy.choose(S, shape))
-
-
-def _factors(
-    M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, total: float, solver: str
-) -> LowRank:
-    root = S.sqrt()
-    B, A = U * root[None, :], root[:, None] * Vh
-    # ||M - B A||^2 = ||M||^2 - 2 <M, B A> + ||B A||^2, all in float64 and exact whether or not
-    # U and Vh are orthonormal to the last bit (the randomized path computes them in float32)
-    inner = float(((B.T @ M) * A).sum())
-    kept = float(((B.T @ B) * (A @ A.T)).sum())
-    error = max(total - 2 * inner + kept, 0.0)
-    return LowRank(A, B, kept / total, (error / total) ** 0.5, solver)
+    scaled = [
+        (
+            1.0,
+            replace(
+                m,
+                B=(w * m.scale * d / g)[:, None] * m.B.double(),
+                A=m.A.double(),
+                scale=1.0,
+                magnitude=None,
+                bias=None,
+            ),
+        )
+        for (w, m), d in zip(terms, ratios, strict=True)
+    ]
+    module, report = combine_module(scaled, Method.EXACT, RankPolicy())
+    dtype = first.A.dtype
+    magnitude = g * row_norms(W, module)
+    module = replace(
+        module, A=module.A.to(dtype), B=module.B.to(dtype), magnitude=magnitude.to(dtype), bias=None
+    )
+    return module, report

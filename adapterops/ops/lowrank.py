@@ -8,6 +8,9 @@ and the SVD of the small core ``Rb Ra^T = U S V^T`` (at most R x R) is the SVD o
 left vectors Qb U, singular values S, right vectors Qa V. Truncating S gives the best rank-k
 approximation in Frobenius and spectral norm (Eckart-Young), with error sqrt(sum of dropped S^2).
 Cost: O((out + in) R^2), memory O((out + in) R). No (out, in) matrix is ever formed.
+
+``best_low_rank`` is the dense counterpart, for updates that exist only densely (DoRA's):
+an exact SVD for small matrices, a randomized range finder for large ones.
 """
 
 from __future__ import annotations
@@ -17,51 +20,39 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterops.errors import InvalidInputError
+from adapterops.adapter import Solver
+from adapterops.errors import InvalidInputError, param
+from adapterops.options import RankTarget
 
 
 @dataclass(frozen=True)
-class RankPolicy:
-    """How many singular values to keep; at most one of the three may be set.
+class RankPolicy(RankTarget):
+    """``RankTarget`` (at most one of ``rank``, ``energy``, ``sv_ratio``; checked there) as a rule.
 
     - ``rank``: keep the top k.
     - ``energy``: keep the fewest whose squared sum reaches this fraction of the total (0 < e <= 1).
     - ``sv_ratio``: keep those within this factor of the largest (S_0 / S_i <= ratio), as kohya's resize does.
     None of them: keep the numerical rank (values above the rounding level of the compute dtype).
+
+    Example: S = [3, 2, 1], energy 0.9: squares 9, 4, 1 of 14; 9 + 4 = 13 >= 12.6, so k = 2.
     """
 
-    rank: int | None = None
-    energy: float | None = None
-    sv_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        given = [n for n in ("rank", "energy", "sv_ratio") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise InvalidInputError(f"give one of rank, energy, sv_ratio, not {' and '.join(given)}")
-        if self.rank is not None and self.rank < 1:
-            raise InvalidInputError(f"rank must be a positive integer, got {self.rank}")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise InvalidInputError(f"energy must be in (0, 1], got {self.energy}")
-        if self.sv_ratio is not None and not self.sv_ratio >= 1.0:
-            raise InvalidInputError(f"sv_ratio must be >= 1, got {self.sv_ratio}")
-
-    @property
-    def is_exact(self) -> bool:
-        return self.rank is None and self.energy is None and self.sv_ratio is None
-
     def describe(self) -> str:
-        if self.rank is not None:
-            return f"rank {self.rank}"
-        if self.energy is not None:
-            return f"energy {self.energy}"
-        if self.sv_ratio is not None:
-            return f"sv_ratio {self.sv_ratio}"
-        return "numerical rank"
+        target = self.target()
+        return " ".join(f"{k} {v}" for k, v in target.items()) if target else "numerical rank"
 
-    def choose(self, S: torch.Tensor, shape: tuple[int, int], reference: float | None = None) -> int:
+    def choose(
+        self,
+        S: torch.Tensor,
+        shape: tuple[int, int],
+        reference: float | None = None,
+        total: float | None = None,
+    ) -> int:
         """Number of singular values to keep from the descending ``S`` of a ``shape`` matrix.
 
         ``reference`` is the size of the terms the matrix was summed from (see ``numerical_rank``).
+        ``total`` is ||M||_F^2 when ``S`` holds only the leading values (randomized solvers); the
+        energy rule then may not be met within ``S``, and all of ``S`` is kept.
         Returns 0 only when the matrix is zero to rounding.
         """
         if S.numel() == 0 or numerical_rank(S, shape, reference) == 0:
@@ -70,8 +61,9 @@ class RankPolicy:
             return min(self.rank, S.numel())
         if self.energy is not None:
             sq = S.double() ** 2
-            reached = torch.cumsum(sq, 0) >= self.energy * float(sq.sum()) * (1 - 1e-12)
-            return int(torch.nonzero(reached)[0]) + 1
+            whole = float(sq.sum()) if total is None else total
+            reached = torch.nonzero(torch.cumsum(sq, 0) >= self.energy * whole * (1 - 1e-12))
+            return int(reached[0]) + 1 if reached.numel() else S.numel()
         if self.sv_ratio is not None:
             return max(1, int((S[0] / self.sv_ratio <= S).sum()))
         return max(1, numerical_rank(S, shape, reference))
@@ -145,3 +137,79 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def relative(part: float, whole: float) -> float:
     return 0.0 if whole == 0.0 else math.sqrt(max(part, 0.0) / whole)
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """Factors of a rank-k approximation of a dense M, and how good it is."""
+
+    A: torch.Tensor  # (k, in)
+    B: torch.Tensor  # (out, k)
+    energy_kept: float  # ||B A||_F^2 / ||M||_F^2
+    rel_error: float  # ||M - B A||_F / ||M||_F, computed exactly
+    solver: Solver
+
+
+def best_low_rank(M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 1024, seed: int = 0) -> LowRank:
+    """Best rank-k approximation of a dense float64 matrix, k chosen by ``policy``.
+
+    Matrices with min(out, in) <= ``exact_limit`` get a full float64 SVD (exact Eckart-Young).
+    Larger ones get a randomized range finder with 4 power iterations in float32 (Halko, Martinsson,
+    Tropp 2011), widened until the target is met, or replaced by the exact SVD once the sketch would
+    be a quarter of the smaller side wide; the reported error is measured exactly either way.
+    """
+    out, inp = M.shape
+    if policy.rank is not None and policy.rank > min(out, inp):
+        raise InvalidInputError(
+            f"rank {policy.rank} exceeds what a {out}x{inp} update can have ({min(out, inp)}); "
+            f"choose {param('rank', min(out, inp))} or less"
+        )
+    total = float(M.pow(2).sum())
+    if total == 0.0:
+        return LowRank(M.new_zeros(1, inp), M.new_zeros(out, 1), 1.0, 0.0, Solver.DENSE)
+    if min(out, inp) <= exact_limit:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        k = _choose(policy, S, total, (out, inp))
+        return _factors(M, U[:, :k], S[:k], Vh[:k], total, Solver.DENSE)
+    width = (policy.rank or 32) + 16
+    generator = torch.Generator(device=M.device).manual_seed(seed)
+    M32 = M.float()
+    while True:
+        width = min(width, min(out, inp))
+        if policy.rank is None and 4 * width >= min(out, inp):  # as costly as the exact SVD by now
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            k = _choose(policy, S, total, (out, inp))
+            return _factors(M, U[:, :k], S[:k], Vh[:k], total, Solver.DENSE)
+        U, S, Vh = _randomized_svd(M32, width, generator)
+        k = _choose(policy, S, total, (out, inp))
+        if k < width - 8 or policy.rank is not None:
+            return _factors(M, U[:, :k].double(), S[:k].double(), Vh[:k].double(), total, Solver.RANDOMIZED)
+        width *= 2
+
+
+def _randomized_svd(M: torch.Tensor, width: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    omega = torch.randn(M.shape[1], width, generator=generator, dtype=M.dtype, device=M.device)
+    Q = torch.linalg.qr(M @ omega)[0]
+    for _ in range(4):
+        Q = torch.linalg.qr(M.T @ Q)[0]
+        Q = torch.linalg.qr(M @ Q)[0]
+    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
+def _choose(policy: RankPolicy, S: torch.Tensor, total: float, shape: tuple[int, int]) -> int:
+    """k from singular values S (possibly only the leading ones) and the exact total energy."""
+    return max(1, policy.choose(S, shape, total=total))
+
+
+def _factors(
+    M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, total: float, solver: Solver
+) -> LowRank:
+    root = S.sqrt()
+    B, A = U * root[None, :], root[:, None] * Vh
+    # ||M - B A||^2 = ||M||^2 - 2 <M, B A> + ||B A||^2, all in float64 and exact whether or not
+    # U and Vh are orthonormal to the last bit (the randomized path computes them in float32)
+    inner = float(((B.T @ M) * A).sum())
+    kept = float(((B.T @ B) * (A @ A.T)).sum())
+    error = max(total - 2 * inner + kept, 0.0)
+    return LowRank(A, B, kept / total, (error / total) ** 0.5, solver)

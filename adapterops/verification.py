@@ -10,9 +10,11 @@ from typing import Any
 import torch
 
 from adapterops.adapter import Adapter
-from adapterops.io.checkpoint import Checkpoint, open_checkpoint, read_tensor
-from adapterops.merge import Direction, Update, load_inputs, plan_merge
-from adapterops.ops import apply
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.safetensors_file import read_tensor
+from adapterops.merging import Direction, apply_update, load_inputs, plan_merge
+from adapterops.ops.rounding import MANTISSA_BITS, ulp
+from adapterops.options import VerifyOptions
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,17 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Key coverage and layout are right, and no tensor the adapters leave alone has changed."""
         return not (
             self.missing_in_merged or self.extra_in_merged or self.layout_changed or self.changed_untouched
         )
+
+    def passed(self, max_ulp: float = 0.5) -> bool:
+        """``ok``, and every updated tensor within ``max_ulp`` of the exact result (0.5: correctly rounded).
+
+        The ulp ratios carry float64 rounding, so the bound gets a relative slack of 1e-9.
+        """
+        return self.ok and self.max_ulp <= max_ulp * (1 + 1e-9)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,27 +64,31 @@ class VerifyReport:
         }
 
 
-def expected_tensor(update: Update, W: torch.Tensor) -> torch.Tensor:
-    """The exact merged value in float64 (no final rounding)."""
-    W64 = W.double() if update.replacement is None else update.replacement.double()
-    if update.bias_terms:
-        return apply.add_bias_updates(W64, update.bias_terms)
-    if update.dora is not None:
-        return apply.dora_merge(W64, update.dora)[0]
-    return apply.add_updates(W64, update.terms) if update.terms else W64
-
-
 def verify(
     base: str | Path | Checkpoint,
     adapters: Sequence[str | Path | Adapter],
     merged: str | Path | Checkpoint,
     weights: Sequence[float] | None = None,
+    *,
     progress: Any = None,
 ) -> VerifyReport:
-    """Recompute every updated tensor of ``merged`` from ``base`` and the adapters in float64."""
+    """Recompute every updated tensor of ``merged`` from ``base`` and the adapters in float64.
+
+    Args:
+        base, adapters, weights: what ``merge`` was given (paths, Hub ids or loaded objects).
+        merged: the merged checkpoint to check.
+        progress: called with (bytes, tensor name) per tensor checked.
+
+    Returns:
+        A ``VerifyReport``: per-tensor error in ulps, key coverage; ``report.passed(max_ulp)``.
+
+    Example:
+        >>> verify("./base", ["./lora"], "./merged").passed()
+    """
+    opts = VerifyOptions(weights=weights)
     checkpoint, loaded = load_inputs(base, adapters)
     result = merged if isinstance(merged, Checkpoint) else open_checkpoint(merged)
-    plan = plan_merge(checkpoint, loaded, weights, direction=Direction.MERGE, force=True)
+    plan = plan_merge(checkpoint, loaded, opts.weights, direction=Direction.MERGE, remerge=True)
     ours, theirs = checkpoint.locate(), result.locate()
     missing = tuple(sorted(set(ours) - set(theirs)))
     extra = tuple(sorted(set(theirs) - set(ours)))
@@ -92,9 +106,9 @@ def verify(
                 changed.append(key)
             checks.append(TensorCheck(key, False, 0.0))
         else:
-            expected = expected_tensor(update, W)
-            if W.is_floating_point() and W.dtype in apply.MANTISSA_BITS:
-                err = ((Wm.double() - expected).abs() / apply.ulp(expected, W.dtype)).max()
+            expected = apply_update(update, W.double())[0]
+            if W.is_floating_point() and W.dtype in MANTISSA_BITS:
+                err = ((Wm.double() - expected).abs() / ulp(expected, W.dtype)).max()
             else:
                 err = (Wm.double() - expected).abs().max()
             checks.append(TensorCheck(key, True, float(err) if W.numel() else 0.0))

@@ -1,13 +1,12 @@
-"""Adding adapters into base weights and taking them out again: pure tensor kernels.
+"""The merge kernels: adapters added into stored weights, correctly rounded. Pure tensor functions.
 
 All math happens in the checkpoint tensor's *math layout* (rows = outputs, see
-``adapterops.adapter``), on a float64 (by default) copy of the stored tensor, and is rounded once to
-the stored dtype at the end:
+``adapterops.adapter``) and is rounded once to the stored dtype at the end:
 
     merge    W' = W + sum_i c_i s_i B_i A_i
     unmerge  W  = W' - sum_i c_i s_i B_i A_i
-    DoRA     W' = m / n * (W + s B A),   n = ||W + s B A||_row   (PEFT's merge, per output row)
-    DoRA^-1  W  = W' * n / m - s B A     (needs n, which the merge records)
+
+DoRA's merge rescales whole rows and lives with the rest of DoRA's math in ``ops.dora``.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from adapterops.adapter import LoraModule
+from adapterops.ops.rounding import round_to
 
 
 def math_view(X: torch.Tensor, module: LoraModule) -> torch.Tensor:
@@ -144,82 +144,3 @@ def add_bias_updates(
         if module.bias is not None:
             total += sign * weight * module.scale * module.bias.to(compute)
     return round_to(total, bias.dtype)
-
-
-def dora_merge(
-    W: torch.Tensor,
-    module: LoraModule,
-    *,
-    compute: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's DoRA merge: returns (W' in W's dtype, the row norms n in ``compute``, on the CPU)."""
-    if module.magnitude is None:
-        raise ValueError(f"module {module.name} is not a DoRA module")
-    X = W.to(device=device, dtype=compute, copy=True)
-    M = math_view(X, module)
-    M.addmm_(
-        module.B.to(device=device, dtype=compute),
-        module.A.to(device=device, dtype=compute),
-        alpha=module.scale,
-    )
-    norm = torch.linalg.vector_norm(M, dim=1)
-    M.mul_((module.magnitude.to(device=device, dtype=compute) / norm)[:, None])
-    return round_to(X, W.dtype).cpu(), norm.cpu()
-
-
-def dora_unmerge(
-    W: torch.Tensor,
-    module: LoraModule,
-    norm: torch.Tensor,
-    *,
-    compute: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Inverse of ``dora_merge`` given the row norms it returned."""
-    if module.magnitude is None:
-        raise ValueError(f"module {module.name} is not a DoRA module")
-    X = W.to(device=device, dtype=compute, copy=True)
-    M = math_view(X, module)
-    M.mul_(
-        (norm.to(device=device, dtype=compute) / module.magnitude.to(device=device, dtype=compute))[:, None]
-    )
-    M.addmm_(
-        module.B.to(device=device, dtype=compute),
-        module.A.to(device=device, dtype=compute),
-        alpha=-module.scale,
-    )
-    return round_to(X, W.dtype).cpu()
-
-
-MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-
-
-def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """float64 ``x`` rounded once, to nearest (ties to even), to ``dtype``.
-
-    torch casts float64 to bfloat16/float16 through float32, which rounds twice: a value just
-    off a half-precision midpoint lands on it in float32 and then goes to the even neighbour,
-    not the nearest. Here such values are settled by which side of the midpoint ``x`` lies on.
-    """
-    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
-        return x.to(dtype)
-    x32 = x.to(torch.float32)
-    up = torch.nextafter(x32, torch.tensor(float("inf"), device=x.device)).to(dtype)
-    down = torch.nextafter(x32, torch.tensor(float("-inf"), device=x.device)).to(dtype)
-    residual = x - x32.double()
-    # x32 is exactly halfway between two adjacent values of dtype (both exact in float64)
-    at_midpoint = (up != down) & ((up.double() + down.double()) / 2 == x32.double())
-    rounded = x32.to(dtype)
-    rounded = torch.where(at_midpoint & (residual > 0), up, rounded)
-    return torch.where(at_midpoint & (residual < 0), down, rounded)
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` at each value of ``x`` (float64), subnormals included."""
-    bits = MANTISSA_BITS[dtype]
-    info = torch.finfo(dtype)
-    _, exponent = torch.frexp(x.double().abs())
-    # frexp: |x| = f * 2**e with f in [0.5, 1), so the spacing is 2**(e - 1 - bits)
-    spacing = torch.ldexp(torch.ones_like(x, dtype=torch.float64), exponent - 1 - bits)
-    return torch.clamp(spacing, min=info.smallest_normal * 2.0**-bits)

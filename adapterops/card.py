@@ -1,0 +1,91 @@
+"""The one model-card renderer: the README.md every output carries, and the card a push uploads.
+
+A card is YAML card data (library, base model, tags) and a lineage section rendered from the
+output's record (``provenance``): the command or recipe, the operation and its options, the
+inputs (Hub id @ revision, or the local directory's *name*: no absolute local paths in a card),
+their sha256, weights, and the adapterops version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import PurePath
+from typing import Any
+
+from adapterops._version import __version__
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FIELDS = ("operation", "method", "weights", "rank", "energy", "sv_ratio", "by", "form", "base", "summary")
+
+
+def render_card(
+    kind: str,
+    title: str,
+    provenance: Mapping[str, Any],
+    *,
+    base_model: str | None = None,
+    facts: Sequence[str] = (),
+) -> str:
+    """A README.md for an ``adapter`` or a merged ``checkpoint``.
+
+    ``base_model`` goes into the card data only when it is a Hub id. ``facts`` are extra lines
+    (module counts, file hashes) listed after the lineage.
+
+    Example: ``render_card("adapter", "mix", {"operation": "negate"})`` starts with
+    ``---\\nlibrary_name: peft\\n`` and lists ``- operation: `negate```.
+    """
+    merged = kind == "checkpoint"
+    lines = ["---", f"library_name: {'transformers' if merged else 'peft'}"]
+    if base_model and _HUB_ID.match(base_model):
+        lines.append(f"base_model: {json.dumps(base_model)}")
+    lines += ["tags:", "- adapterops", "- lora", *(["- merge"] if merged else []), "---", ""]
+    lines += [f"# {title}", "", _what(merged), "", "## Lineage", ""]
+    lineage = lineage_lines(provenance)
+    lines += lineage or ["No adapterops record: this output was not made by adapterops."]
+    lines += [f"- {fact}" for fact in facts]
+    lines += ["", f"Card written by adapterops {__version__}.", ""]
+    return "\n".join(lines)
+
+
+def _what(merged: bool) -> str:
+    if merged:
+        return (
+            "A checkpoint with LoRA adapters merged in. Load it with "
+            "`AutoModelForCausalLM.from_pretrained(path_or_repo_id)`."
+        )
+    return "A LoRA adapter. Load it with `PeftModel.from_pretrained(base_model, path_or_repo_id)`."
+
+
+def public_name(item: Mapping[str, Any]) -> str:
+    """How a card names an input or base: its Hub id, else the local directory's name."""
+    if item.get("repo_id"):
+        return str(item["repo_id"])
+    return PurePath(str(item.get("path", "?"))).name or str(item.get("path", "?"))
+
+
+def lineage_lines(provenance: Mapping[str, Any]) -> list[str]:
+    """The lineage section of a card, from an adapter's record or a checkpoint's merge record."""
+    lines: list[str] = []
+    if provenance.get("command"):
+        lines += ["```", str(provenance["command"]), "```", ""]
+    if provenance.get("recipe"):
+        lines += ["Recipe:", "", "```yaml", str(provenance["recipe"]).rstrip(), "```", ""]
+    for key in _FIELDS:
+        value = provenance.get(key)
+        if value is not None:
+            if key == "base" and isinstance(value, Mapping):
+                value = public_name(value) + (f"@{value['revision']}" if value.get("revision") else "")
+            lines.append(f"- {key}: `{value}`")
+    for item in [*(provenance.get("inputs") or []), *(provenance.get("merged") or [])]:
+        revision = f" @ `{item['revision']}`" if item.get("revision") else ""
+        sha = f" (sha256 `{item['sha256']}`)" if item.get("sha256") else ""
+        weight = f", weight {item['weight']}" if "weight" in item else ""
+        lines.append(f"- input: `{public_name(item)}`{revision}{sha}{weight}")
+    if provenance.get("adapterops_version"):
+        lines.append(f"- made with adapterops {provenance['adapterops_version']}")
+    for step in provenance.get("history", []):
+        names = ", ".join(public_name(a) for a in step.get("adapters", []))
+        lines.append(f"- {step.get('operation')}: {names} (adapterops {step.get('adapterops_version')})")
+    return lines

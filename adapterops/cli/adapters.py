@@ -1,0 +1,253 @@
+"""Adapter commands: combine, negate, scale, resize, to-dora, to-lora, info.
+
+Each parses (options generated from its record in ``adapterops.options``), calls one public
+function, and renders the result. Library imports happen inside the commands: ``--help`` and
+shell completion never import torch.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapterops.cli._options import (
+    WeightsCommand,
+    display_options,
+    options_from,
+    pop_display,
+    pop_write,
+    write_options,
+)
+from adapterops.options import (
+    CombineOptions,
+    NegateOptions,
+    ResizeOptions,
+    ScaleOptions,
+    ToDoraOptions,
+    ToLoraOptions,
+    WriteOptions,
+)
+
+
+@click.command(cls=WeightsCommand)
+@click.argument("adapters", nargs=-1, required=True)
+@options_from(CombineOptions)
+@write_options
+def combine(adapters: tuple[str, ...], **kwargs: Any) -> None:
+    """Weighted sum of adapters: dW = sum_i w_i dW_i for every module any input touches.
+
+    \b
+    Examples:
+      adapterops combine ./style-a ./style-b --weights 0.7 0.3 -o ./mix
+      adapterops combine a b c --weights 0.5 -0.4 1.2 --method svd --rank 16 -o ./mix16
+      adapterops combine org/a@v2 org/b -w 1 -w 1 --method cat -o ./both
+      adapterops combine ./dora-a ./lora-b --weights 0.6 0.4 --base ./base -o ./mix
+      adapterops combine ./dora-a ./dora-b --weights 0.5 0.5 --base ./base --form dora -o ./mix
+    """
+    from adapterops import verbs
+
+    def work(out: Any) -> Any:
+        loaded = _load_all(adapters, out)
+        kwargs["weights"] = list(kwargs["weights"]) or None
+        with out.progress("combining", len(set().union(*(a.modules for a in loaded)))) as advance:
+            return verbs.combine(loaded, progress=advance, **kwargs)
+
+    _adapter_command(kwargs, work)
+
+
+@click.command()
+@click.argument("adapter")
+@options_from(NegateOptions)
+@write_options
+def negate(adapter: str, **kwargs: Any) -> None:
+    """Flip an adapter's update: dW -> -dW (lora_B changes sign, nothing else).
+
+    A DoRA input needs --base; its effective update is negated and re-factored as a LoRA.
+
+    \b
+    Examples:
+      adapterops negate ./toxic -o ./anti-toxic
+      adapterops negate ./dora --base ./base -o ./anti
+    """
+    from adapterops import verbs
+
+    _adapter_command(kwargs, lambda out: _one(out, "negate", adapter, verbs.negate, kwargs))
+
+
+@click.command()
+@click.argument("adapter")
+@options_from(ScaleOptions)
+@write_options
+def scale(adapter: str, **kwargs: Any) -> None:
+    """Multiply an adapter's update by a factor; the factors stay as stored, lora_alpha absorbs it.
+
+    \b
+    Example:
+      adapterops scale ./style-a --by 0.5 -o ./half
+    """
+    from adapterops import verbs
+
+    _adapter_command(kwargs, lambda out: _one(out, "scale", adapter, verbs.scale, kwargs))
+
+
+@click.command()
+@click.argument("adapter")
+@options_from(ResizeOptions)
+@write_options
+def resize(adapter: str, **kwargs: Any) -> None:
+    """Truncate each module to its best low-rank form (SVD of dW, computed from the factors).
+
+    \b
+    Examples:
+      adapterops resize ./big --rank 8 -o ./small
+      adapterops resize ./big --energy 0.99 -o ./small
+      adapterops resize ./big --sv-ratio 20 -o ./small
+    """
+    from adapterops import verbs
+
+    _adapter_command(kwargs, lambda out: _one(out, "resize", adapter, verbs.resize, kwargs))
+
+
+@click.command("to-dora")
+@click.argument("adapter")
+@options_from(ToDoraOptions)
+@write_options
+def to_dora(adapter: str, **kwargs: Any) -> None:
+    """Turn a LoRA into a DoRA with the same merged weights: m = ||W + sBA|| per output row.
+
+    Exact: PEFT merges the result to the same weights as the LoRA, up to rounding.
+
+    \b
+    Example:
+      adapterops to-dora ./lora --base ./base -o ./dora
+    """
+    from adapterops import verbs
+
+    _adapter_command(kwargs, lambda out: _one(out, "to-dora", adapter, verbs.to_dora, kwargs))
+
+
+@click.command("to-lora")
+@click.argument("adapter")
+@options_from(ToLoraOptions)
+@write_options
+def to_lora(adapter: str, **kwargs: Any) -> None:
+    """Best low-rank LoRA of a DoRA adapter's effective update, with the error per module.
+
+    DoRA's update (m/n - 1) W + (m/n) sBA is full rank in general: the output is its best rank-K
+    approximation (Eckart-Young), and the relative error is reported per module and in total.
+
+    \b
+    Examples:
+      adapterops to-lora ./dora --base ./base --rank 16 -o ./lora
+      adapterops to-lora ./dora --base ./base --energy 0.999 -o ./lora
+    """
+    from adapterops import verbs
+
+    _adapter_command(kwargs, lambda out: _one(out, "to-lora", adapter, verbs.to_lora, kwargs))
+
+
+@click.command()
+@click.argument("adapter")
+@click.option(
+    "--base", help="Base checkpoint: adds DoRA magnitudes against base row norms and effective update norms."
+)
+@display_options
+def info(adapter: str, base: str | None, **kwargs: Any) -> None:
+    """Show an adapter's modules: kind, shape, rank, scale, dtype and update norms.
+
+    \b
+    Examples:
+      adapterops info ./style-a
+      adapterops info org/style-b@v2 --json | jq '.modules[0]'
+      adapterops info ./dora --base ./base
+    """
+    from adapterops.cli._console import render_info
+    from adapterops.info import describe
+
+    out = pop_display(kwargs)
+    report = describe(adapter, base=base)
+    if out.as_json:
+        out.json(report)
+    elif not out.quiet:
+        render_info(report, out.out)
+
+
+# ----------------------------------------------------------------------------------------------- shared
+
+
+def _load_all(refs: tuple[str, ...], out: Any) -> list[Any]:
+    from adapterops.io import load_adapter
+
+    adapters = []
+    with out.progress("loading", len(refs)) as advance:
+        for ref in refs:
+            adapters.append(load_adapter(ref))
+            advance(ref)
+    return adapters
+
+
+def _one(out: Any, verb: str, ref: str, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """Load one adapter and run a verb on it under a progress bar."""
+    from adapterops.io import load_adapter
+
+    loaded = load_adapter(ref)
+    with out.progress(verb, len(loaded.modules)) as advance:
+        return function(loaded, progress=advance, **kwargs)
+
+
+def _adapter_command(kwargs: dict[str, Any], work: Callable[[Any], Any]) -> None:
+    """Check the output path first, run ``work(out)``, write, print, push."""
+    from adapterops.io.atomic import check_output_path
+
+    out = pop_display(kwargs)
+    write = pop_write(kwargs)
+    output, force = kwargs.pop("output"), kwargs.pop("force")
+    check_output_path(output.absolute(), force=force)
+
+    out.run(lambda: _write(work(out), output, force, write, out))
+
+
+def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: Any) -> None:
+    """Save with the command line and the summary in the record, print the summary, push if asked."""
+    from adapterops.io import save_adapter
+    from adapterops.report import summarize, summary_line
+
+    summary = summarize(adapter.report)
+    argv = click.get_current_context().find_root().meta.get("argv", [])
+    provenance = dict(adapter.provenance or {})
+    provenance.update(command=shlex.join(["adapterops", *argv]), summary=summary_line(summary))
+    save_adapter(replace(adapter, provenance=provenance), output, force=force, dtype=write.dtype.value)
+    pushed = push_output(output, write)
+    if out.as_json:
+        out.json(
+            {
+                "output": str(output),
+                **summary,
+                "per_module": [r.as_dict() for r in adapter.report],
+                "pushed": pushed,
+            }
+        )
+        return
+    if out.verbose:
+        for r in adapter.report:
+            out.line(
+                f"{r.name}: rank {r.rank_in} -> {r.rank_out}, energy kept {100 * r.energy_kept:.4f}%, "
+                f"relative error {r.rel_error:.3g}"
+            )
+    out.line(f"wrote {output}: {summary_line(summary)}")
+    if pushed:
+        out.line(f"pushed {output} to {pushed}")
+
+
+def push_output(output: Path, write: WriteOptions) -> str | None:
+    """Upload ``output`` when --push was given; the commit URL."""
+    if not write.push:
+        return None
+    from adapterops.hub import push_to_hub
+
+    return push_to_hub(output, write.push, private=write.private)

@@ -1,0 +1,321 @@
+"""One description per verb: the options it takes, with their types, defaults, checks and help.
+
+Each verb's options are a frozen dataclass. Three consumers read them, so they cannot drift:
+
+- the Python functions (``verbs``, ``merge``) build one from their keyword arguments, and its
+  ``__post_init__`` checks them (errors name the option with ``errors.param``);
+- the CLI generates its click options from the fields (``cli/_options.py``);
+- recipes validate a step's keys and values against the fields (``recipe/schema.py``).
+
+A new option is one field here (and one keyword in the function that uses it; a test checks the
+signatures). This module imports no torch: ``adapterops --help`` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, Field, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from adapterops.errors import InvalidInputError, param
+
+
+class Method(str, Enum):
+    """How ``combine`` represents the weighted sum (docs/math.md)."""
+
+    EXACT = "exact"
+    CAT = "cat"
+    SVD = "svd"
+    LINEAR = "linear"
+
+
+class Form(str, Enum):
+    """What an adapter verb writes: a LoRA, or a DoRA (which holds sums of DoRA inputs exactly)."""
+
+    LORA = "lora"
+    DORA = "dora"
+
+
+class OutputDtype(str, Enum):
+    """Storage dtype of written factors; ``auto`` keeps the inputs'."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT64 = "float64"
+
+
+WEIGHTS = "weights"  # the ``type`` of a per-input weights option: numbers on the CLI, weight specs in recipes
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    type: Any = str,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    metavar: str | None = None,
+    required: bool = False,
+    cli: bool = True,
+) -> Any:
+    """A field with what the CLI and recipes need to know about it (see the module docstring)."""
+    meta = dict(
+        help=help, type=type, min=min, max=max, min_open=min_open, metavar=metavar, required=required, cli=cli
+    )
+    return field(default=default, metadata=meta)
+
+
+def option_fields(record: type | object) -> tuple[Field[Any], ...]:
+    """The fields of an options record that are options (all of them, in declaration order)."""
+    return tuple(f for f in fields(record) if "help" in f.metadata)  # type: ignore[arg-type]
+
+
+def _check_fields(record: object) -> None:
+    """Coerce enums and numbers, check ranges and required values: one error naming the option."""
+    for f in option_fields(record):
+        value, meta = getattr(record, f.name), f.metadata
+        kind = meta["type"]
+        if value is None:
+            if meta["required"]:
+                raise InvalidInputError(f"{param(f.name)} is required")
+            continue
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            try:
+                value = kind(value.value if isinstance(value, Enum) else value)
+            except ValueError:
+                choices = ", ".join(str(m.value) for m in kind)
+                raise InvalidInputError(
+                    f"unknown {param(f.name)} {value!r}; choose one of {choices}"
+                ) from None
+        elif kind in (int, float):
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if ok and kind is int and not float(value).is_integer():
+                ok = False
+            if not ok or not math.isfinite(value):
+                raise InvalidInputError(f"{param(f.name)} must be a finite {kind.__name__}, got {value!r}")
+            value = kind(value)
+            low, high, open_low = meta["min"], meta["max"], meta["min_open"]
+            if (low is not None and (value < low or (open_low and value == low))) or (
+                high is not None and value > high
+            ):
+                raise InvalidInputError(f"{param(f.name)} must be {_span(low, high, open_low)}, got {value}")
+        elif kind is bool and not isinstance(value, bool):
+            raise InvalidInputError(f"{param(f.name)} must be true or false, got {value!r}")
+        object.__setattr__(record, f.name, value)
+
+
+def _span(low: float | None, high: float | None, open_low: bool) -> str:
+    """``>= 1``, ``<= 5`` or ``in (0, 1]``: the allowed range, as a message says it."""
+    if high is None:
+        return f"{'>' if open_low else '>='} {low:g}"
+    if low is None:
+        return f"<= {high:g}"
+    return f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+
+
+def target_hint() -> str:
+    """How to ask for a rank target, spelled for the caller."""
+    return f"{param('rank', 'K')}, {param('energy', 'F')} or {param('sv_ratio', 'R')}"
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class RankTarget:
+    """How many singular values to keep per module: at most one of ``rank``, ``energy``, ``sv_ratio``.
+
+    None of them means the exact result (its numerical rank).
+    """
+
+    rank: int | None = option(
+        None, "Keep the top K singular values per module.", type=int, min=1, metavar="K"
+    )
+    energy: float | None = option(
+        None,
+        "Keep the fewest singular values holding this fraction of ||dW||^2 per module.",
+        type=float,
+        min=0,
+        max=1,
+        min_open=True,
+        metavar="F",
+    )
+    sv_ratio: float | None = option(
+        None,
+        "Keep singular values within this factor of the largest, per module.",
+        type=float,
+        min=1,
+        metavar="R",
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        given = [n for n in ("rank", "energy", "sv_ratio") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidInputError(f"give one of {target_hint()}, not {' and '.join(map(param, given))}")
+
+    @property
+    def is_exact(self) -> bool:
+        return self.rank is None and self.energy is None and self.sv_ratio is None
+
+    def target(self) -> dict[str, Any]:
+        """The one target that is set, as a dict (empty when exact), for records and reports."""
+        return {n: getattr(self, n) for n in ("rank", "energy", "sv_ratio") if getattr(self, n) is not None}
+
+    def _require_target(self, verb: str) -> None:
+        if self.is_exact:
+            raise InvalidInputError(f"{verb} needs a target: give {target_hint()}")
+
+
+_BASE_HELP = "Base checkpoint (dir or Hub id): needed for DoRA inputs and --form dora."
+_FORM_HELP = "Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly."
+_EXACT_LIMIT_HELP = "Modules with min(out, in) up to this get an exact SVD; larger ones a randomized one."
+
+
+def _check_form(form: Form, base: Any) -> None:
+    if form is Form.DORA and base is None:
+        raise InvalidInputError(f"a DoRA output needs the base checkpoint ({param('base')})")
+
+
+@dataclass(frozen=True)
+class CombineOptions(RankTarget):
+    weights: Any = option(
+        None,
+        "One weight per adapter, in order (repeat the option or list them after it). Default: 1 each.",
+        type=WEIGHTS,
+    )
+    method: Method = option(
+        Method.EXACT,
+        "exact: the weighted sum at its numerical rank. cat: concatenated factors. svd: best rank-K "
+        "form (needs --rank/--energy/--sv-ratio). linear: PEFT's approximation.",
+        type=Method,
+    )
+    allow_different_bases: bool = option(
+        False, "Combine adapters whose configs name different base models.", type=bool
+    )
+    base: Any = option(None, _BASE_HELP)
+    form: Form = option(Form.LORA, _FORM_HELP, type=Form)
+    exact_limit: int = option(1024, _EXACT_LIMIT_HELP, type=int, min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method is Method.SVD and self.is_exact:
+            raise InvalidInputError(f"method svd needs a target: give {target_hint()}")
+        if self.method is not Method.SVD and not self.is_exact:
+            raise InvalidInputError(
+                f"{param('rank')}/{param('energy')}/{param('sv_ratio')} apply to method svd, not {self.method.value}"
+            )
+        _check_form(self.form, self.base)
+        if self.form is Form.DORA and self.method is not Method.EXACT:
+            raise InvalidInputError(f"a DoRA output is exact: drop {param('method')} and the rank target")
+
+
+@dataclass(frozen=True)
+class NegateOptions:
+    base: Any = option(None, _BASE_HELP)
+    form: Form = option(Form.LORA, _FORM_HELP, type=Form)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        _check_form(self.form, self.base)
+
+
+@dataclass(frozen=True)
+class ScaleOptions(NegateOptions):
+    by: float = option(None, "The factor F in dW -> F dW.", type=float, required=True, metavar="F")
+
+
+@dataclass(frozen=True)
+class ResizeOptions(RankTarget):
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require_target("resize")
+
+
+@dataclass(frozen=True)
+class ToDoraOptions:
+    base: Any = option(None, "Base checkpoint the adapter was trained on (dir or Hub id).", required=True)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class ToLoraOptions(RankTarget):
+    base: Any = option(None, "Base checkpoint the adapter was trained on (dir or Hub id).", required=True)
+    exact_limit: int = option(1024, _EXACT_LIMIT_HELP, type=int, min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._require_target("to-lora")
+
+
+_CHECKPOINT_WEIGHTS = "One weight per adapter, in order (default 1 each): dW = sum_i w_i dW_i."
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    weights: Any = option(None, _CHECKPOINT_WEIGHTS, type=WEIGHTS)
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    remerge: bool = option(False, "Merge an adapter the checkpoint's merge record already lists.", type=bool)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class UnmergeOptions:
+    weights: Any = option(None, _CHECKPOINT_WEIGHTS, type=WEIGHTS)
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    weights: Any = option(None, _CHECKPOINT_WEIGHTS, type=WEIGHTS)
+    max_ulp: float = option(0.5, "Fail when a tensor is off by more.", type=float, min=0)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """Where and how a verb's result is written; shared by every verb that writes."""
+
+    dtype: OutputDtype = option(
+        OutputDtype.AUTO, "Storage dtype of the output factors; auto keeps the inputs'.", type=OutputDtype
+    )
+    push: str | None = option(
+        None,
+        "Also upload the output to this Hub repo, with a lineage card (see `adapterops push`).",
+        metavar="REPO_ID",
+    )
+    private: bool = option(False, "With --push: create the Hub repo private.", type=bool)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+VERBS: dict[str, type] = {
+    "combine": CombineOptions,
+    "negate": NegateOptions,
+    "scale": ScaleOptions,
+    "resize": ResizeOptions,
+    "to_dora": ToDoraOptions,
+    "to_lora": ToLoraOptions,
+    "merge": MergeOptions,
+    "unmerge": UnmergeOptions,
+    "verify": VerifyOptions,
+}
+
+
+def defaults(record: type) -> dict[str, Any]:
+    """``{field: default}`` of an options record (``MISSING`` never occurs: every option has one)."""
+    return {f.name: f.default for f in option_fields(record) if f.default is not MISSING}

@@ -1,0 +1,320 @@
+"""The adapter verbs: combine, negate, scale, resize, to_dora, to_lora.
+
+Each takes adapters (paths, Hub ids or loaded ``Adapter`` objects) and returns a new ``Adapter``
+with a per-module ``report`` and a ``provenance`` record; ``save_adapter`` writes it. Each checks
+its options once (through its record in ``options``), picks the pure kernel per module (factor
+arithmetic in ``ops.combine``, or DoRA math given the base weight in ``ops.dora``), and writes the
+record once (``provenance.operation_record``, with the adapterops version).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, cast
+
+from adapterops.adapter import Adapter, LoraModule, ModuleKind, ModuleReport
+from adapterops.errors import ApproximationWarning, InvalidInputError, UnsupportedAdapterError, param
+from adapterops.io import load_adapter
+from adapterops.io.checkpoint import BaseWeights, Checkpoint
+from adapterops.ops.combine import (
+    Terms,
+    Weight,
+    check_bases,
+    check_weights,
+    combine_module,
+    map_modules,
+    result_adapter,
+)
+from adapterops.ops.dora import row_norms, sum_as_dora, sum_as_lora
+from adapterops.ops.lowrank import RankPolicy
+from adapterops.options import (
+    CombineOptions,
+    Form,
+    Method,
+    NegateOptions,
+    ResizeOptions,
+    ScaleOptions,
+    ToDoraOptions,
+    ToLoraOptions,
+)
+from adapterops.provenance import checkpoint_record, operation_record
+
+AdapterRef = str | Path | Adapter
+BaseRef = str | Path | Checkpoint | BaseWeights
+Progress = Callable[[str], None]
+
+
+def as_adapter(ref: AdapterRef) -> Adapter:
+    """An ``Adapter`` as it is, or loaded from a path or Hub id."""
+    return ref if isinstance(ref, Adapter) else load_adapter(ref)
+
+
+def as_base(base: BaseRef) -> BaseWeights:
+    return base if isinstance(base, BaseWeights) else BaseWeights(base)
+
+
+def combine(
+    adapters: Sequence[AdapterRef],
+    weights: Sequence[Weight] | None = None,
+    *,
+    method: Method | str = Method.EXACT,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    allow_different_bases: bool = False,
+    base: BaseRef | None = None,
+    form: Form | str = Form.LORA,
+    exact_limit: int = 1024,
+    progress: Progress | None = None,
+) -> Adapter:
+    """The adapter whose update is ``sum_i weights[i] * dW_i`` for every module any input touches.
+
+    Args:
+        adapters: paths, Hub ids or ``Adapter`` objects.
+        weights: one per adapter (default 1 each); a weight may be a function of the module name
+            (per-module filters, layer gradients: see ``adapterops.recipe``).
+        method: ``exact`` (the sum at its numerical rank), ``cat``, ``svd`` (best rank-k; needs
+            ``rank``, ``energy`` or ``sv_ratio``) or ``linear`` (PEFT's approximation, warns).
+        allow_different_bases: combine inputs whose configs name different base models (warns).
+        base: the base checkpoint, needed when an input is DoRA: effective updates are summed
+            densely per module and re-factored, the error reported.
+        form: ``dora`` (with ``base``) returns a DoRA adapter, which holds any such sum exactly.
+        exact_limit: DoRA modules with min(out, in) up to this get an exact SVD, larger a randomized one.
+        progress: called with each module name when it is done.
+
+    Returns:
+        An ``Adapter`` whose ``report`` holds one ``ModuleReport`` per module.
+
+    Raises:
+        InvalidInputError: bad options, weights or shapes (``IncompatibleAdaptersError``).
+        UnsupportedAdapterError: DoRA inputs without ``base``.
+
+    Example:
+        >>> mix = combine(["./style-a", "./style-b"], [0.7, 0.3], method="svd", rank=16)
+    """
+    opts = CombineOptions(
+        weights=weights,
+        method=cast(Method, method),  # the record checks and converts a str
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        allow_different_bases=allow_different_bases,
+        base=base,
+        form=cast(Form, form),
+        exact_limit=exact_limit,
+    )
+    loaded = [as_adapter(a) for a in adapters]
+    if not loaded:
+        raise InvalidInputError("combine needs at least one adapter")
+    checked = check_weights(weights, len(loaded))
+    result, record = _sum(loaded, checked, opts, progress)
+    if opts.method is Method.LINEAR:
+        worst = max(r.rel_error for r in result.report)
+        warnings.warn(
+            f"method linear is PEFT's approximation, not the weighted sum: worst module relative error {worst:.3g}",
+            ApproximationWarning,
+            stacklevel=2,
+        )
+    record.update(weights=[getattr(w, "spec", w) if callable(w) else w for w in checked])
+    record.update(opts.target())
+    return replace(result, provenance=operation_record("combine", loaded, **record))
+
+
+def negate(
+    adapter: AdapterRef,
+    *,
+    base: BaseRef | None = None,
+    form: Form | str = Form.LORA,
+    progress: Progress | None = None,
+) -> Adapter:
+    """dW -> -dW for every module: lora_B changes sign, nothing else (bit-exact).
+
+    A DoRA input needs ``base``; its effective update is negated and re-factored (``combine``).
+
+    Example: ``negate("./toxic")`` has ``lora_B`` of ``-B`` and the same ``lora_A`` and scale.
+    """
+    opts = NegateOptions(base=base, form=cast(Form, form))
+    return _single("negate", as_adapter(adapter), -1.0, opts.base, opts.form, progress)
+
+
+def scale(
+    adapter: AdapterRef,
+    by: float,
+    *,
+    base: BaseRef | None = None,
+    form: Form | str = Form.LORA,
+    progress: Progress | None = None,
+) -> Adapter:
+    """dW -> by * dW for every module: the factor goes into the scale, factors unchanged (a negative
+    ``by`` also flips lora_B's sign). A DoRA input needs ``base``, as for ``combine``.
+
+    Example: ``scale(a, 0.5)`` keeps ``A`` and ``B`` bit for bit and halves each module's scale.
+    """
+    opts = ScaleOptions(base=base, form=cast(Form, form), by=by)
+    return _single("scale", as_adapter(adapter), opts.by, opts.base, opts.form, progress, by=opts.by)
+
+
+def resize(
+    adapter: AdapterRef,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    progress: Progress | None = None,
+) -> Adapter:
+    """Best low-rank form of each module of one LoRA adapter (Eckart-Young on dW, from the factors).
+
+    Exactly one of ``rank``, ``energy`` (fraction of ||dW||_F^2 to keep) or ``sv_ratio`` (keep
+    singular values within this factor of the largest). Modules already at or below the target rank
+    are re-factored losslessly. A DoRA adapter is refused: convert it with ``to_lora``.
+
+    Example: ``resize("./big", rank=8)``: every module at rank <= 8, its error in the report.
+    """
+    opts = ResizeOptions(rank=rank, energy=energy, sv_ratio=sv_ratio)
+    loaded = as_adapter(adapter)
+    if loaded.is_dora:
+        raise UnsupportedAdapterError(
+            f"{loaded.describe()}: resize works on LoRA adapters; a DoRA adapter's update depends on the base "
+            "weights: use to_lora (adapterops to-lora) with the base checkpoint and a rank target"
+        )
+    policy = RankPolicy(**opts.target())
+    modules, reports = map_modules(
+        [loaded], [1.0], lambda _, terms: combine_module(terms, Method.SVD, policy), progress
+    )
+    record = operation_record("resize", [loaded], **opts.target())
+    return replace(result_adapter([loaded], modules, reports), provenance=record)
+
+
+def to_dora(adapter: AdapterRef, base: BaseRef, *, progress: Progress | None = None) -> Adapter:
+    """The DoRA adapter with the same merged weights: m = ||W + s B A||_row, factors unchanged. Exact.
+
+    Example: ``to_dora("./lora", "./base")``: PEFT merges it to the LoRA's merged weights.
+    """
+    opts = ToDoraOptions(base=base)
+    loaded = as_adapter(adapter)
+    if loaded.is_dora:
+        raise InvalidInputError(f"{loaded.describe()} is already a DoRA adapter")
+    _no_embeddings(loaded, "to-dora")
+    weights = as_base(opts.base)
+
+    def one(_: str, terms: Terms) -> tuple[LoraModule, ModuleReport]:
+        module = weights.resolve(terms[0][1])
+        magnitude = row_norms(weights.weight(module, loaded.describe()), module).to(module.A.dtype)
+        return replace(module, magnitude=magnitude), ModuleReport(module.name, module.rank, module.rank)
+
+    modules, reports = map_modules([loaded], [1.0], one, progress)
+    record = operation_record("to-dora", [loaded], base=checkpoint_record(weights.checkpoint))
+    return Adapter(modules, loaded.full_tensors, loaded.config, None, record, reports)
+
+
+def to_lora(
+    adapter: AdapterRef,
+    base: BaseRef,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    exact_limit: int = 1024,
+    progress: Progress | None = None,
+) -> Adapter:
+    """Best low-rank LoRA of each DoRA module's effective update dW_eff (see ``ops.dora``).
+
+    One of ``rank``, ``energy``, ``sv_ratio`` sets the rank per module. Modules whose smaller side is
+    at most ``exact_limit`` get an exact SVD; larger ones a randomized one. Each module's report
+    says which, and its exact relative error.
+
+    Example: ``to_lora("./dora", "./base", rank=16)``; ``max(r.rel_error for r in out.report)``.
+    """
+    opts = ToLoraOptions(rank=rank, energy=energy, sv_ratio=sv_ratio, base=base, exact_limit=exact_limit)
+    loaded = as_adapter(adapter)
+    if not loaded.is_dora:
+        raise InvalidInputError(f"{loaded.describe()} is not a DoRA adapter (no lora_magnitude_vector)")
+    _no_embeddings(loaded, "to-lora")
+    combined = CombineOptions(
+        method=Method.SVD, base=opts.base, exact_limit=opts.exact_limit, **opts.target()
+    )
+    result, record = _sum([loaded], [1.0], combined, progress)
+    record.pop("method", None)
+    record.update(opts.target())
+    return replace(result, provenance=operation_record("to-lora", [loaded], **record))
+
+
+# ------------------------------------------------------------------------------------------ internals
+
+
+def _sum(
+    adapters: list[Adapter], weights: list[Weight], opts: CombineOptions, progress: Progress | None
+) -> tuple[Adapter, dict[str, Any]]:
+    """The weighted sum per module with the kernel each module needs, and the record's fields."""
+    check_bases(adapters, opts.allow_different_bases)
+    dora_inputs = any(a.is_dora for a in adapters)
+    policy = RankPolicy(**opts.target())
+    if not dora_inputs and opts.form is Form.LORA:
+        modules, reports = map_modules(
+            adapters, weights, lambda _, terms: combine_module(terms, opts.method, policy), progress
+        )
+        return result_adapter(adapters, modules, reports), {"method": opts.method.value}
+
+    if opts.base is None:
+        dora = next(a for a in adapters if a.is_dora)
+        raise UnsupportedAdapterError(
+            f"{dora.describe()}: DoRA adapter (lora_magnitude_vector): its update depends on the base weights, "
+            f"so factor arithmetic alone would be wrong; pass the base checkpoint ({param('base')})"
+        )
+    if any(callable(w) for w in weights):
+        raise InvalidInputError("per-module weights (filters, gradients) are not supported with DoRA yet")
+    if opts.method not in (Method.EXACT, Method.SVD):
+        raise InvalidInputError(
+            f"DoRA inputs are combined by SVD of their effective updates, not {opts.method.value}"
+        )
+    for adapter in adapters:
+        if adapter.is_dora or opts.form is Form.DORA:
+            _no_embeddings(adapter, "DoRA output" if opts.form is Form.DORA else "DoRA arithmetic")
+    base = as_base(opts.base)
+    who = ", ".join(a.describe() for a in adapters)
+
+    def one(_: str, terms: Terms) -> tuple[LoraModule, ModuleReport]:
+        resolved = [(w, base.resolve(m)) for w, m in terms]
+        if opts.form is Form.DORA:
+            return sum_as_dora(base.weight(resolved[0][1], who), resolved)
+        if not any(m.is_dora for _, m in terms):
+            method = Method.EXACT if policy.is_exact else Method.SVD
+            return combine_module(terms, method, policy)
+        return sum_as_lora(base.weight(resolved[0][1], who), resolved, policy, exact_limit=opts.exact_limit)
+
+    modules, reports = map_modules(adapters, weights, one, progress)
+    if not all(math.isfinite(r.rel_error) for r in reports):
+        raise InvalidInputError("the result has non-finite values; check the base weights and the magnitudes")
+    method = "dora-exact" if opts.form is Form.DORA else "dense-svd" if dora_inputs else "exact"
+    record = {"method": method, "base": checkpoint_record(base.checkpoint)}
+    if opts.form is Form.DORA:
+        record["form"] = Form.DORA.value
+    return result_adapter(adapters, modules, reports), record
+
+
+def _single(
+    operation: str,
+    adapter: Adapter,
+    factor: float,
+    base: BaseRef | None,
+    form: Form,
+    progress: Progress | None,
+    **fields: Any,
+) -> Adapter:
+    opts = CombineOptions(base=base, form=form)
+    result, record = _sum([adapter], [factor], opts, progress)
+    record.pop("method", None)
+    return replace(result, provenance=operation_record(operation, [adapter], **record, **fields))
+
+
+def _no_embeddings(adapter: Adapter, verb: str) -> None:
+    for module in adapter.modules.values():
+        if module.kind is ModuleKind.EMBEDDING:
+            raise UnsupportedAdapterError(
+                f"{adapter.describe()}: module {module.name} is an embedding; {verb} supports DoRA on linear, "
+                "Conv1D and conv layers (PEFT's embedding DoRA scales columns, not rows)"
+            )
