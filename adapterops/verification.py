@@ -31,6 +31,7 @@ class VerifyReport:
     extra_in_merged: tuple[str, ...]
     layout_changed: tuple[str, ...]  # dtype or shape differs
     changed_untouched: tuple[str, ...]  # tensors no adapter touches whose bytes differ
+    max_ulp_allowed: float = 0.5
 
     @property
     def max_ulp(self) -> float:
@@ -43,17 +44,21 @@ class VerifyReport:
             self.missing_in_merged or self.extra_in_merged or self.layout_changed or self.changed_untouched
         )
 
-    def passed(self, max_ulp: float = 0.5) -> bool:
-        """``ok``, and every updated tensor within ``max_ulp`` of the exact result (0.5: correctly rounded).
+    def passed(self, max_ulp: float | None = None) -> bool:
+        """``ok``, and every updated tensor within ``max_ulp`` (default: what ``verify`` was given; 0.5 is
+        correctly rounded) of the exact result.
 
         The ulp ratios carry float64 rounding, so the bound gets a relative slack of 1e-9.
         """
-        return self.ok and self.max_ulp <= max_ulp * (1 + 1e-9)
+        bound = self.max_ulp_allowed if max_ulp is None else max_ulp
+        return self.ok and self.max_ulp <= bound * (1 + 1e-9)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "passed": self.passed(),
             "max_ulp": self.max_ulp,
+            "max_ulp_allowed": self.max_ulp_allowed,
             "tensors": len(self.checks),
             "tensors_updated": sum(c.updated for c in self.checks),
             "missing_in_merged": list(self.missing_in_merged),
@@ -70,6 +75,7 @@ def verify(
     merged: str | Path | Checkpoint,
     weights: Sequence[float] | None = None,
     *,
+    max_ulp: float = 0.5,
     progress: Any = None,
 ) -> VerifyReport:
     """Recompute every updated tensor of ``merged`` from ``base`` and the adapters in float64.
@@ -77,6 +83,7 @@ def verify(
     Args:
         base, adapters, weights: what ``merge`` was given (paths, Hub ids or loaded objects).
         merged: the merged checkpoint to check.
+        max_ulp: the error an updated tensor may have for ``passed()`` (0.5: correctly rounded).
         progress: called with (bytes, tensor name) per tensor checked.
 
     Returns:
@@ -85,7 +92,7 @@ def verify(
     Example:
         >>> verify("./base", ["./lora"], "./merged").passed()
     """
-    opts = VerifyOptions(weights=weights)
+    opts = VerifyOptions(weights=weights, max_ulp=max_ulp)
     checkpoint, loaded = load_inputs(base, adapters)
     result = merged if isinstance(merged, Checkpoint) else open_checkpoint(merged)
     plan = plan_merge(checkpoint, loaded, opts.weights, direction=Direction.MERGE, remerge=True)
@@ -114,4 +121,4 @@ def verify(
             checks.append(TensorCheck(key, True, float(err) if W.numel() else 0.0))
         if progress:
             progress(be.nbytes, key)
-    return VerifyReport(tuple(checks), missing, extra, tuple(layout), tuple(changed))
+    return VerifyReport(tuple(checks), missing, extra, tuple(layout), tuple(changed), opts.max_ulp)

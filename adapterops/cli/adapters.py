@@ -53,11 +53,10 @@ def combine(adapters: tuple[str, ...], **kwargs: Any) -> None:
 
     def work(out: Any) -> Any:
         loaded = _load_all(adapters, out)
-        kwargs["weights"] = list(kwargs["weights"]) or None
         with out.progress("combining", len(set().union(*(a.modules for a in loaded)))) as advance:
             return verbs.combine(loaded, progress=advance, **kwargs)
 
-    _adapter_command(kwargs, work)
+    _adapter_command(CombineOptions, kwargs, work)
 
 
 @click.command()
@@ -76,7 +75,7 @@ def negate(adapter: str, **kwargs: Any) -> None:
     """
     from adapterops import verbs
 
-    _adapter_command(kwargs, lambda out: _one(out, "negate", adapter, verbs.negate, kwargs))
+    _adapter_command(NegateOptions, kwargs, lambda out: _one(out, "negate", adapter, verbs.negate, kwargs))
 
 
 @click.command()
@@ -92,7 +91,7 @@ def scale(adapter: str, **kwargs: Any) -> None:
     """
     from adapterops import verbs
 
-    _adapter_command(kwargs, lambda out: _one(out, "scale", adapter, verbs.scale, kwargs))
+    _adapter_command(ScaleOptions, kwargs, lambda out: _one(out, "scale", adapter, verbs.scale, kwargs))
 
 
 @click.command()
@@ -110,7 +109,7 @@ def resize(adapter: str, **kwargs: Any) -> None:
     """
     from adapterops import verbs
 
-    _adapter_command(kwargs, lambda out: _one(out, "resize", adapter, verbs.resize, kwargs))
+    _adapter_command(ResizeOptions, kwargs, lambda out: _one(out, "resize", adapter, verbs.resize, kwargs))
 
 
 @click.command("to-dora")
@@ -128,7 +127,7 @@ def to_dora(adapter: str, **kwargs: Any) -> None:
     """
     from adapterops import verbs
 
-    _adapter_command(kwargs, lambda out: _one(out, "to-dora", adapter, verbs.to_dora, kwargs))
+    _adapter_command(ToDoraOptions, kwargs, lambda out: _one(out, "to-dora", adapter, verbs.to_dora, kwargs))
 
 
 @click.command("to-lora")
@@ -148,7 +147,7 @@ def to_lora(adapter: str, **kwargs: Any) -> None:
     """
     from adapterops import verbs
 
-    _adapter_command(kwargs, lambda out: _one(out, "to-lora", adapter, verbs.to_lora, kwargs))
+    _adapter_command(ToLoraOptions, kwargs, lambda out: _one(out, "to-lora", adapter, verbs.to_lora, kwargs))
 
 
 @click.command()
@@ -200,13 +199,16 @@ def _one(out: Any, verb: str, ref: str, function: Callable[..., Any], kwargs: di
         return function(loaded, progress=advance, **kwargs)
 
 
-def _adapter_command(kwargs: dict[str, Any], work: Callable[[Any], Any]) -> None:
-    """Check the output path first, run ``work(out)``, write, print, push."""
+def _adapter_command(record: type, kwargs: dict[str, Any], work: Callable[[Any], Any]) -> None:
+    """Check the options and the output path before any work, run ``work(out)``, write, print, push."""
     from adapterops.io.atomic import check_output_path
 
     out = pop_display(kwargs)
     write = pop_write(kwargs)
     output, force = kwargs.pop("output"), kwargs.pop("force")
+    if "weights" in kwargs:
+        kwargs["weights"] = list(kwargs["weights"]) or None
+    record(**kwargs)
     check_output_path(output.absolute(), force=force)
 
     out.run(lambda: _write(work(out), output, force, write, out))

@@ -126,11 +126,11 @@ def verify(
         raise click.UsageError("give the base, at least one adapter, and the merged checkpoint last")
     *adapters, merged = adapters_and_merged
     out = pop_display(kwargs)
-    report = verify_checkpoint(base, adapters, merged, list(weights) or None)
-    passed = report.passed(max_ulp)
+    report = verify_checkpoint(base, adapters, merged, list(weights) or None, max_ulp=max_ulp)
+    passed = report.passed()
     payload = report.as_dict()
     if out.as_json:
-        out.json({**payload, "max_ulp_allowed": max_ulp, "passed": passed})
+        out.json(payload)
     else:
         render_verify(payload, f"{merged} vs {base} + {', '.join(adapters)}", max_ulp, passed, out)
     if not passed:
