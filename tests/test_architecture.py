@@ -145,7 +145,7 @@ def test_no_import_cycles_even_lazy_ones() -> None:
             if nxt.startswith(node + "."):
                 continue
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt) :] + [nxt]
+                cycle = [*stack[stack.index(nxt) :], nxt]
                 if not all(c.startswith(nxt + ".") or c == nxt for c in cycle):
                     raise AssertionError(" -> ".join(cycle))
             elif nxt not in state:
