@@ -238,3 +238,14 @@ def test_help_version_and_completion_import_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True)
     assert "Usage: adapterops" in result.stdout and "combine" in result.stdout
     assert json.loads(result.stderr.strip().splitlines()[-1]) == []
+
+
+def test_every_method_the_cli_offers_has_one_registry_entry() -> None:
+    from adapterops.ops.combine import METHODS
+
+    assert set(METHODS) == set(options.Method)
+    command = cli.get_command(click.Context(cli), "combine")
+    assert command is not None
+    method = next(p for p in command.params if p.name == "method")
+    assert isinstance(method.type, click.Choice)
+    assert set(method.type.choices) == {m.value for m in METHODS}

@@ -12,22 +12,77 @@ A new adapter format is one module here plus an entry in ``load_adapter``'s disp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapterops.adapter import Adapter, Source
-from adapterops.io.peft import BIN_NAME, SAFETENSORS_NAME, read_adapter, save_adapter
+from adapterops.errors import InvalidInputError
+from adapterops.io import peft
 from adapterops.io.peft_config import CONFIG_NAME
 from adapterops.io.refs import resolve
 
-__all__ = ["load_adapter", "save_adapter"]
+__all__ = ["FORMATS", "AdapterFormat", "load_adapter", "save_adapter"]
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """One adapter file format: how to recognize it, read it and write it.
+
+    ``detect(path)`` says whether a local path holds this format; ``hub_files`` are the patterns
+    to download for a Hub id; ``read(path, source)`` returns an ``Adapter``; ``write(adapter, path,
+    force=, dtype=)`` writes one atomically.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    hub_files: tuple[str, ...]
+    read: Callable[[Path, Source], Adapter]
+    write: Callable[..., Path]
+
+
+# one entry per format, tried in order; the last one's reader explains what a path lacks
+FORMATS: dict[str, AdapterFormat] = {
+    "peft": AdapterFormat(
+        "peft",
+        lambda path: (path / CONFIG_NAME).is_file(),
+        (CONFIG_NAME, peft.SAFETENSORS_NAME, peft.BIN_NAME),
+        peft.read_adapter,
+        peft.save_adapter,
+    ),
+}
 
 
 def load_adapter(ref: str | Path) -> Adapter:
-    """Load a PEFT LoRA adapter from a local directory or a Hub id (``org/name`` or ``org/name@rev``).
+    """Load an adapter from a local path or a Hub id (``org/name`` or ``org/name@rev``).
 
-    Tensors keep their stored dtype. Raises ``NotFoundError`` for a missing path or repo and
-    ``AdapterFormatError`` for files adapterops cannot read exactly.
+    The format is detected (``FORMATS``; PEFT adapter directories today). Tensors keep their
+    stored dtype.
+
+    Raises:
+        NotFoundError: a missing path, repo or revision.
+        AdapterFormatError: files adapterops cannot read exactly.
+
+    Example:
+        >>> load_adapter("org/style@v2").source.revision   # the commit the revision resolved to
     """
-    resolved = resolve(ref, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME])
+    patterns = sorted({p for f in FORMATS.values() for p in f.hub_files})
+    resolved = resolve(ref, allow_patterns=patterns)
     source = Source(path=str(ref), repo_id=resolved.repo_id, revision=resolved.revision)
-    return read_adapter(resolved.path, source)
+    fmt = next((f for f in FORMATS.values() if f.detect(resolved.path)), list(FORMATS.values())[-1])
+    return fmt.read(resolved.path, source)
+
+
+def save_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", **options: Any) -> Path:
+    """Write ``adapter`` at ``path`` in ``format`` (default ``peft``), atomically.
+
+    ``options`` go to the format's writer: for PEFT, ``force`` (replace an existing ``path``) and
+    ``dtype`` (storage dtype of the factors, a torch dtype or its name; default: keep them).
+
+    Example:
+        >>> save_adapter(combine(["./a", "./b"]), "./mix", dtype="bfloat16")
+    """
+    if format not in FORMATS:
+        raise InvalidInputError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[format].write(adapter, path, **options)

@@ -23,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -71,38 +71,81 @@ def map_modules(
     return modules, tuple(reports)
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """One module's terms, prepared once for every method: coefficients c_i = w_i s_i, float64
+    factors, the concatenated exact form [c_i B_i] @ [A_i], and the summed lora_B bias."""
+
+    first: LoraModule
+    coeffs: list[float]
+    As: list[torch.Tensor]
+    Bs: list[torch.Tensor]
+    bias: torch.Tensor | None
+
+    @property
+    def rank_in(self) -> int:
+        return sum(a.shape[0] for a in self.As)
+
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        B_cat = torch.cat([c * b for c, b in zip(self.coeffs, self.Bs, strict=True)], dim=1)
+        return torch.cat(self.As, dim=0), B_cat
+
+    def finish(self, A: torch.Tensor, B: torch.Tensor) -> LoraModule:
+        """A scale-1 module with the first term's layout, factors rounded once to its storage dtype."""
+        dtype = self.first.A.dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return self.first.with_factors(A.to(dtype), B.to(dtype), 1.0, bias)
+
+
+MethodFn = Callable[[Stacked, RankPolicy], tuple[LoraModule, ModuleReport]]
+
+
 def combine_module(terms: Terms, method: Method, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
     """sum_i w_i s_i B_i A_i for one module, represented as ``method`` says (module docstring)."""
     first = terms[0][1]
-    dtype = compute_dtype(*(t for _, m in terms for t in (m.A, m.B)))
-    coeffs = [w * m.scale for w, m in terms]
-    As = [m.A.to(dtype) for _, m in terms]
-    Bs = [m.B.to(dtype) for _, m in terms]
-    rank_in = sum(a.shape[0] for a in As)
-    bias = bias_sum(terms, dtype)
-
+    rank_in = sum(m.rank for _, m in terms)
     if len(terms) == 1 and method in (Method.EXACT, Method.CAT):
         # one term: keep the stored factors bit for bit, the weight goes into the scale
-        m, c = first, coeffs[0]
+        c = terms[0][0] * first.scale
         if c == 0:
-            return m.with_factors(m.A, torch.zeros_like(m.B), 1.0, None), ModuleReport(
-                m.name, rank_in, m.rank
+            return first.with_factors(first.A, torch.zeros_like(first.B), 1.0, None), ModuleReport(
+                first.name, rank_in, first.rank
             )
         flip = c < 0
-        bias_out = None if m.bias is None else (-m.bias if flip else m.bias)
-        return m.with_factors(m.A, -m.B if flip else m.B, abs(c), bias_out), ModuleReport(
-            m.name, rank_in, m.rank
+        bias = None if first.bias is None else (-first.bias if flip else first.bias)
+        return first.with_factors(first.A, -first.B if flip else first.B, abs(c), bias), ModuleReport(
+            first.name, rank_in, first.rank
         )
+    dtype = compute_dtype(*(t for _, m in terms for t in (m.A, m.B)))
+    stacked = Stacked(
+        first,
+        [w * m.scale for w, m in terms],
+        [m.A.to(dtype) for _, m in terms],
+        [m.B.to(dtype) for _, m in terms],
+        bias_sum(terms, dtype),
+    )
+    return METHODS[method](stacked, policy)
 
-    if method is Method.LINEAR:
-        A, B, rel_error = _linear(first.name, coeffs, As, Bs)
-        return _finish(first, A, B, bias), ModuleReport(first.name, rank_in, A.shape[0], rel_error=rel_error)
 
-    B_cat = torch.cat([c * b for c, b in zip(coeffs, Bs, strict=True)], dim=1)
-    A_cat = torch.cat(As, dim=0)
-    if method is Method.CAT:
-        return _finish(first, A_cat, B_cat, bias), ModuleReport(first.name, rank_in, rank_in)
+def _cat(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """The concatenated factors as they are: exact, rank = sum of the input ranks."""
+    A, B = t.concatenated()
+    return t.finish(A, B), ModuleReport(t.first.name, t.rank_in, t.rank_in)
 
+
+def _exact(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """The exact sum at its numerical rank (the concatenation when that is already full rank)."""
+    return _factored(t, policy, keep_full=True)
+
+
+def _svd(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """The best rank-k form of the exact sum, k from ``policy``; the error is reported."""
+    return _factored(t, policy, keep_full=False)
+
+
+def _factored(t: Stacked, policy: RankPolicy, keep_full: bool) -> tuple[LoraModule, ModuleReport]:
+    first, rank_in = t.first, t.rank_in
+    A_cat, B_cat = t.concatenated()
     shape = (first.out_features, first.in_features)
     if policy.rank is not None and policy.rank > min(shape):
         raise InvalidInputError(
@@ -110,20 +153,50 @@ def combine_module(terms: Terms, method: Method, policy: RankPolicy) -> tuple[Lo
             f"({min(shape)}); choose {param('rank', min(shape))} or less"
         )
     factored = svd_of_product(B_cat, A_cat)
-    reference = max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(coeffs, As, Bs, strict=True))
+    reference = max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(t.coeffs, t.As, t.Bs, strict=True))
     k = policy.choose(factored.S, shape, reference)
     if k == 0:
         # zero to rounding (terms cancel): a rank-1 zero update keeps the module loadable by PEFT
-        zero_A, zero_B = torch.zeros_like(A_cat[:1]), torch.zeros_like(B_cat[:, :1])
-        return _finish(first, zero_A, zero_B, bias), ModuleReport(first.name, rank_in, 1)
-    if method is Method.EXACT and k == rank_in:
+        return t.finish(torch.zeros_like(A_cat[:1]), torch.zeros_like(B_cat[:, :1])), ModuleReport(
+            first.name, rank_in, 1
+        )
+    if keep_full and k == rank_in:
         # already full rank: the concatenation is exact and avoids re-factoring round-off
-        return _finish(first, A_cat, B_cat, bias), ModuleReport(first.name, rank_in, rank_in)
+        return t.finish(A_cat, B_cat), ModuleReport(first.name, rank_in, rank_in)
     A, B = factored.truncate(k)
     total, tail = factored.energy, factored.tail_energy(k)
     energy_kept = 1.0 if total == 0 else 1.0 - tail / total
-    report = ModuleReport(first.name, rank_in, k, energy_kept=energy_kept, rel_error=relative(tail, total))
-    return _finish(first, A, B, bias), report
+    return t.finish(A, B), ModuleReport(first.name, rank_in, k, energy_kept, relative(tail, total))
+
+
+def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """PEFT's linear factors (not the weighted sum) and their relative error against it."""
+    ranks = {a.shape[0] for a in t.As}
+    if len(ranks) > 1:
+        raise IncompatibleAdaptersError(
+            f"module {t.first.name}: method linear needs equal ranks, got {sorted(ranks)}; use the default "
+            "exact method or svd"
+        )
+    pairs = list(zip(t.coeffs, t.As, t.Bs, strict=True))
+    A = torch.stack([math.copysign(math.sqrt(abs(c)), c) * a for c, a, _ in pairs]).sum(0)
+    B = torch.stack([math.sqrt(abs(c)) * b for c, _, b in pairs]).sum(0)
+    # dW_lin - dW_exact = [B | -c_1 B_1 | ...] @ [A; A_1; ...], measured on factors
+    exact_B = [c * b for c, _, b in pairs]
+    exact = frobenius_norm_of_product(torch.cat(exact_B, dim=1), torch.cat(t.As, dim=0))
+    error = frobenius_norm_of_product(
+        torch.cat([B, *(-b for b in exact_B)], dim=1), torch.cat([A, *t.As], dim=0)
+    )
+    report = ModuleReport(t.first.name, t.rank_in, A.shape[0], rel_error=error / exact if exact else 0.0)
+    return t.finish(A, B), report
+
+
+# one entry per method: a new method is one function above and one line here (and its Method value)
+METHODS: dict[Method, MethodFn] = {
+    Method.EXACT: _exact,
+    Method.CAT: _cat,
+    Method.SVD: _svd,
+    Method.LINEAR: _linear,
+}
 
 
 def bias_sum(terms: Terms, dtype: torch.dtype) -> torch.Tensor | None:
@@ -222,33 +295,3 @@ def result_adapter(
     return Adapter(
         modules, merged_full_tensors(adapters), dict(adapters[0].config), None, None, tuple(reports)
     )
-
-
-# ------------------------------------------------------------------------------------------ internals
-
-
-def _finish(like: LoraModule, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None) -> LoraModule:
-    """A scale-1 module with ``like``'s layout, factors rounded once to ``like``'s storage dtype."""
-    dtype = like.A.dtype
-    return like.with_factors(A.to(dtype), B.to(dtype), 1.0, None if bias is None else bias.to(dtype))
-
-
-def _linear(
-    name: str, coeffs: Sequence[float], As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """PEFT's linear factors and their relative error against the exact weighted sum."""
-    ranks = {a.shape[0] for a in As}
-    if len(ranks) > 1:
-        raise IncompatibleAdaptersError(
-            f"module {name}: method linear needs equal ranks, got {sorted(ranks)}; use the default "
-            "exact method or svd"
-        )
-    A = torch.stack([math.copysign(math.sqrt(abs(c)), c) * a for c, a in zip(coeffs, As, strict=True)]).sum(0)
-    B = torch.stack([math.sqrt(abs(c)) * b for c, b in zip(coeffs, Bs, strict=True)]).sum(0)
-    # dW_lin - dW_exact = [B | -c_1 B_1 | ...] @ [A; A_1; ...], measured on factors
-    exact_B = [c * b for c, b in zip(coeffs, Bs, strict=True)]
-    exact = frobenius_norm_of_product(torch.cat(exact_B, dim=1), torch.cat(list(As), dim=0))
-    error = frobenius_norm_of_product(
-        torch.cat([B, *(-b for b in exact_B)], dim=1), torch.cat([A, *As], dim=0)
-    )
-    return A, B, error / exact if exact else 0.0
