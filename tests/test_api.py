@@ -99,3 +99,9 @@ def test_recipe_option_errors_give_the_line(tmp_path: Path) -> None:
     recipe.write_text(f"inputs: {{a: {INPUTS / 'style-a'}}}\nsteps:\n  - name: m\n    resize: {{input: a}}\n")
     with pytest.raises(ao.RecipeError, match=r"r\.yaml:4: step 'm': resize needs a target: give rank=K"):
         ao.load_recipe(recipe)
+
+
+def test_plan_merge_takes_paths_and_describes_without_touching_the_disk(tmp_path: Path) -> None:
+    plan = ao.plan_merge(BASE, [INPUTS / "style-a"])
+    assert plan.describe()["tensors_updated"] == len(ao.load_adapter(INPUTS / "style-a").modules)
+    assert plan.output_bytes >= plan.checkpoint.file_size

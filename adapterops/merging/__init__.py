@@ -12,11 +12,10 @@ from pathlib import Path
 
 from adapterops.adapter import Adapter
 from adapterops.hub import ShardUploader, push_to_hub
-from adapterops.io import load_adapter
 from adapterops.io.atomic import check_output_path
-from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.checkpoint import Checkpoint
 from adapterops.merging.execute import MergeResult, Progress, apply_update, execute
-from adapterops.merging.plan import Direction, MergePlan, Update, estimate_peak, plan_merge
+from adapterops.merging.plan import Direction, MergePlan, Update, estimate_peak, load_inputs, plan_merge
 from adapterops.options import MergeOptions, UnmergeOptions
 
 __all__ = [
@@ -34,12 +33,6 @@ __all__ = [
 
 CheckpointRef = str | Path | Checkpoint
 AdapterRef = str | Path | Adapter
-
-
-def load_inputs(base: CheckpointRef, adapters: Sequence[AdapterRef]) -> tuple[Checkpoint, list[Adapter]]:
-    """The checkpoint (headers only) and the adapters, each given as a path, Hub id or loaded object."""
-    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    return checkpoint, [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
 
 
 def merge(

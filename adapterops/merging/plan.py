@@ -17,7 +17,8 @@ import torch
 
 from adapterops.adapter import Adapter, LoraModule
 from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, UnsupportedAdapterError
-from adapterops.io.checkpoint import Checkpoint
+from adapterops.io import load_adapter
+from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.safetensors_file import TensorEntry
 from adapterops.ops.combine import check_weights
 from adapterops.provenance import next_record, read_record, recorded_norms
@@ -113,9 +114,17 @@ def estimate_peak(
     return adapter_bytes + largest.nbytes // itemsize * (8 + 6 * itemsize) + TORCH_BASELINE_BYTES
 
 
+def load_inputs(
+    base: str | Path | Checkpoint, adapters: Sequence[str | Path | Adapter]
+) -> tuple[Checkpoint, list[Adapter]]:
+    """The checkpoint (headers only) and the adapters, each given as a path, Hub id or loaded object."""
+    checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    return checkpoint, [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+
+
 def plan_merge(
-    checkpoint: Checkpoint,
-    adapters: Sequence[Adapter],
+    base: str | Path | Checkpoint,
+    adapters: Sequence[str | Path | Adapter],
     weights: Sequence[float] | None = None,
     *,
     direction: Direction | str = Direction.MERGE,
@@ -123,29 +132,35 @@ def plan_merge(
 ) -> MergePlan:
     """Map every adapter module onto exactly one checkpoint tensor and check shapes; no tensor data is read.
 
-    ``remerge`` allows merging an adapter the checkpoint's merge record already lists.
+    ``base`` and ``adapters`` are paths, Hub ids or loaded objects. ``remerge`` allows merging an
+    adapter the checkpoint's merge record already lists. ``plan.describe()`` says what a merge
+    would do.
+
+    Example:
+        >>> plan_merge("./base", ["./lora"]).describe()["tensors_updated"]
     """
     direction = Direction(direction)
-    adapters = tuple(adapters)
-    if not adapters:
+    checkpoint, loaded = load_inputs(base, adapters)
+    inputs = tuple(loaded)
+    if not inputs:
         raise InvalidInputError(f"{direction.value} needs at least one adapter")
-    checked = check_weights(list(weights) if weights else None, len(adapters))
+    checked = check_weights(list(weights) if weights else None, len(inputs))
     if any(callable(w) for w in checked):
         raise InvalidInputError(
             f"{direction.value} takes one number per adapter; per-module weights apply to combine: combine first"
         )
     weights = tuple(float(w) for w in checked if not callable(w))
     slots: dict[str, _Slot] = {}
-    for weight, adapter in zip(weights, adapters, strict=True):
-        _plan_modules(checkpoint, adapter, weight, len(adapters), slots)
+    for weight, adapter in zip(weights, inputs, strict=True):
+        _plan_modules(checkpoint, adapter, weight, len(inputs), slots)
         _plan_full_tensors(checkpoint, adapter, direction, slots)
-    record = next_record(read_record(checkpoint), checkpoint, adapters, weights, direction.value, remerge)
+    record = next_record(read_record(checkpoint), checkpoint, inputs, weights, direction.value, remerge)
     norms: dict[str, torch.Tensor] = {}
     if direction is Direction.UNMERGE and any(s.dora is not None for s in slots.values()):
-        norms = recorded_norms(checkpoint, adapters[0])
+        norms = recorded_norms(checkpoint, inputs[0])
     other = tuple((p, p.stat().st_size) for p in checkpoint.other_files())
     updates = {key: slot.freeze(key) for key, slot in slots.items()}
-    return MergePlan(direction, checkpoint, adapters, weights, updates, record, other, norms)
+    return MergePlan(direction, checkpoint, inputs, weights, updates, record, other, norms)
 
 
 def _plan_modules(
