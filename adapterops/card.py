@@ -8,7 +8,6 @@ their sha256, weights, and the adapterops version.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import PurePath
@@ -39,7 +38,7 @@ def render_card(
     merged = kind == "checkpoint"
     lines = ["---", f"library_name: {'transformers' if merged else 'peft'}"]
     if base_model and _HUB_ID.match(base_model):
-        lines.append(f"base_model: {json.dumps(base_model)}")
+        lines.append(f"base_model: {base_model}")  # a Hub id: a plain YAML scalar
     lines += ["tags:", "- adapterops", "- lora", *(["- merge"] if merged else []), "---", ""]
     lines += [f"# {title}", "", _what(merged), "", "## Lineage", ""]
     lineage = lineage_lines(provenance)

@@ -19,6 +19,7 @@ from adapterops.card import render_card
 from adapterops.errors import HubError, InvalidInputError, NotFoundError
 from adapterops.io.peft import read_tensors
 from adapterops.io.peft_config import CONFIG_NAME
+from adapterops.io.refs import hub_message, is_network_error
 from adapterops.provenance import RECORD_KEY, RECORD_NAME
 
 
@@ -109,6 +110,8 @@ class ShardUploader:
             self.pool.shutdown()
 
     def close(self) -> None:
+        """Stop pending uploads and close the files (after the commit, or when the merge failed)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
         for handle in self.handles:
             handle.close()
 
@@ -213,10 +216,14 @@ def _hub_errors(repo_id: str, token: str | None) -> Iterator[None]:
                 f"the Hub refused the upload to {repo_id} (HTTP {status}): log in with `hf auth login`, set HF_TOKEN "
                 "or pass --token, with write access to that namespace"
             ) from None
+        raise HubError(f"the Hub refused the upload to {repo_id}: {hub_message(exc, token)}") from None
+    except hub_errors.OfflineModeIsEnabled:
         raise HubError(
-            f"the Hub refused the upload to {repo_id}: {_without_token(str(exc), token)}"
+            f"could not reach the Hub to push {repo_id} (offline mode); unset HF_HUB_OFFLINE"
         ) from None
-    except (OSError, hub_errors.OfflineModeIsEnabled) as exc:
+    except Exception as exc:
+        if not is_network_error(exc):
+            raise
         raise HubError(
             f"could not reach the Hub to push {repo_id} ({type(exc).__name__}); check the network"
         ) from None
@@ -227,7 +234,3 @@ def _hub_errors(repo_id: str, token: str | None) -> Iterator[None]:
 
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _without_token(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.support.factories import make_adapter, tiny_conv, tiny_gpt2, tiny_llama
+from tests.support.fakehub import fake_hf_api, fake_snapshots  # noqa: F401  (fixtures)
 from tests.support.hubserver import fake_hub  # noqa: F401  (fixture)
 
 LLAMA_ATTN = ["q_proj", "v_proj"]

@@ -318,15 +318,16 @@ def test_cuda_merge_equals_cpu_merge(zoo: Zoo, bases, tmp_path) -> None:
         assert float(steps.max()) <= 1.0, key
 
 
-def test_base_from_the_hub_and_tied_lm_head(zoo: Zoo, fake_hub, tmp_path) -> None:
+def test_base_from_the_hub_and_tied_lm_head(zoo: Zoo, fake_snapshots, tmp_path) -> None:
     from functools import partial
 
     from tests.support.factories import make_adapter, tiny_llama
 
-    fake_hub.add_repo(
+    fake_snapshots.add(
         "org/tiny-llama", save_base_checkpoint(tiny_llama, tmp_path / "base", max_shard_size=SHARD)
     )
     ao.merge("org/tiny-llama", [zoo["llama_a"]], out=tmp_path / "merged")
+    assert [c.repo_id for c in fake_snapshots.calls] == ["org/tiny-llama"]
     assert ao.verify(tmp_path / "base", [zoo["llama_a"]], tmp_path / "merged").ok
     record = json.loads((tmp_path / "merged" / RECORD_NAME).read_text())
     assert record["merged"][0]["sha256"] == ao.load_adapter(zoo["llama_a"]).source.sha256
@@ -337,6 +338,19 @@ def test_base_from_the_hub_and_tied_lm_head(zoo: Zoo, fake_hub, tmp_path) -> Non
     head = make_adapter(tied, tmp_path / "head", seed=3, r=2, target_modules=["lm_head"])
     with pytest.raises(ao.UnsupportedAdapterError, match="ties lm_head to the input embedding"):
         ao.merge(base, [head], out=tmp_path / "x")
+
+
+def test_the_card_of_a_merge_names_its_hub_base(zoo: Zoo, fake_snapshots, tmp_path) -> None:
+    from adapterops.hub import inspect_output, model_card
+    from tests.support.factories import tiny_llama
+
+    fake_snapshots.add(
+        "org/tiny-llama", save_base_checkpoint(tiny_llama, tmp_path / "base", max_shard_size=SHARD)
+    )
+    ao.merge("org/tiny-llama", [zoo["llama_a"]], out=tmp_path / "merged")
+    output = inspect_output(tmp_path / "merged")
+    assert output.base_model == "org/tiny-llama"
+    assert "base_model: org/tiny-llama" in model_card(output, "me/merged")
 
 
 def test_not_enough_disk_space_is_refused_before_writing(zoo: Zoo, bases, tmp_path, monkeypatch) -> None:

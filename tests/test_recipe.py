@@ -164,6 +164,7 @@ def test_runs_are_deterministic(tmp_path: Path) -> None:
         assert len(digests) == 1, out
 
 
+@pytest.mark.hub
 @pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 def test_recipe_steps_can_push_and_the_card_holds_the_recipe(
     fake_hub: FakeHub, tmp_path: Path, monkeypatch

@@ -67,7 +67,7 @@ def load_adapter(ref: str | Path) -> Adapter:
     Example:
         >>> load_adapter("org/style@v2").source.revision   # the commit the revision resolved to
     """
-    patterns = sorted({p for f in FORMATS.values() for p in f.hub_files})
+    patterns = list(dict.fromkeys(p for f in FORMATS.values() for p in f.hub_files))
     resolved = resolve(ref, allow_patterns=patterns)
     source = Source(path=str(ref), repo_id=resolved.repo_id, revision=resolved.revision)
     fmt = next((f for f in FORMATS.values() if f.detect(resolved.path)), list(FORMATS.values())[-1])

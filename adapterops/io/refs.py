@@ -6,6 +6,7 @@ behave as everywhere else. Only the files an operation needs are fetched.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,38 @@ def resolve(
     return _snapshot(repo_id, revision, allow_patterns, ignore_patterns, what, str(spec))
 
 
+# exceptions from these packages (the HTTP stacks huggingface_hub runs on) mean the network failed
+_NETWORK_PACKAGES = {"httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "h2", "ssl", "socket"}
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """An OSError, or an error of the HTTP client (httpx2's ConnectError is no OSError)."""
+    return isinstance(exc, OSError) or any(
+        klass.__module__.split(".")[0] in _NETWORK_PACKAGES for klass in type(exc).__mro__
+    )
+
+
+def known_tokens(explicit: str | None = None) -> list[str]:
+    """Every Hub token this process could send: the explicit one, the environment's, the login cache's."""
+    found = [explicit, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    try:
+        from huggingface_hub import get_token
+
+        found.append(get_token())
+    except Exception:  # no login cache, or an old client: nothing more to hide
+        pass
+    return sorted({t for t in found if t and len(t) >= 4}, key=len, reverse=True)
+
+
+def hub_message(exc: BaseException, token: str | None = None) -> str:
+    """The client's message as one line, with every token it might echo replaced by ``***``."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    for secret in known_tokens(token):  # before shortening: a cut token would not match any more
+        text = text.replace(secret, "***")
+    text = re.sub(r"(?i)(bearer\s+)(?!\*\*\*)\S+", r"\1***", text)
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
 def _snapshot(
     repo_id: str, revision: str | None, patterns: Sequence[str], ignore: Sequence[str], what: str, spec: str
 ) -> Resolved:
@@ -86,10 +119,12 @@ def _snapshot(
             "cache while the Hub cannot be reached (offline or HF_HUB_OFFLINE=1); fix the path, or connect"
         ) from exc
     except hub_errors.HfHubHTTPError as exc:
-        raise HubError(f"{spec}: the Hub refused the download: {exc}") from exc
-    except OSError as exc:
+        raise HubError(f"{spec}: the Hub refused the download: {hub_message(exc)}") from None
+    except Exception as exc:
+        if not is_network_error(exc):
+            raise
         raise HubError(
-            f"{spec}: could not reach the Hub ({exc}); check the network or set HF_HUB_OFFLINE=1"
-        ) from exc
+            f"{spec}: could not reach the Hub ({hub_message(exc)}); check the network or set HF_HUB_OFFLINE=1"
+        ) from None
     # snapshot folders are named after the commit the revision resolved to
     return Resolved(path=folder, repo_id=repo_id, revision=folder.name)
