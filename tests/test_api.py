@@ -105,3 +105,10 @@ def test_plan_merge_takes_paths_and_describes_without_touching_the_disk(tmp_path
     plan = ao.plan_merge(BASE, [INPUTS / "style-a"])
     assert plan.describe()["tensors_updated"] == len(ao.load_adapter(INPUTS / "style-a").modules)
     assert plan.output_bytes >= plan.checkpoint.file_size
+
+
+def test_plan_recipe_takes_a_path(tmp_path: Path) -> None:
+    recipe = Path(__file__).parent.parent / "recipes" / "blend-and-merge.yaml"
+    rows = ao.plan_recipe(recipe, tmp_path)
+    assert [r["step"] for r in rows if "verb" in r] == ["mix", "merged"]
+    assert not any(tmp_path.iterdir())

@@ -149,12 +149,19 @@ def _run_checkpoint_step(
     return result, result.pushed
 
 
-def plan_recipe(recipe: Recipe, output_dir: Path | None = None) -> list[dict[str, Any]]:
+def plan_recipe(recipe: Recipe | str | Path, output_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """What ``run_recipe`` would do, with estimated output sizes and peak memory; computes nothing.
 
-    An adapter's size is estimated per module as rank x (out + in) x bytes per element, with the
-    rank each verb produces at most (the target rank, or the sum of the input ranks).
+    ``recipe`` is a path or a loaded ``Recipe``. An adapter's size is estimated per module as
+    rank x (out + in) x bytes per element, with the rank each verb produces at most (the target
+    rank, or the sum of the input ranks).
+
+    Example:
+        >>> [row["step"] for row in plan_recipe("recipes/blend-and-merge.yaml")]
     """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    output_dir = Path(output_dir) if output_dir is not None else None
     shapes: dict[
         str, dict[str, tuple[int, int, int, int]]
     ] = {}  # name -> module -> (out, in, rank, itemsize)
