@@ -157,7 +157,7 @@ def render_verify(payload: Mapping[str, Any], title: str, max_ulp: float, passed
         table.add_row(check["key"], f"{check['max_ulp']:.3f}")
     if not out.quiet:
         out.out.print(table)
-    for name in ("missing_in_merged", "extra_in_merged", "layout_changed", "changed_untouched"):
+    for name in ("missing_in_merged", "extra_in_merged", "layout_changed", "changed_untouched", "non_finite"):
         if payload[name]:
             out.line(f"{name.replace('_', ' ')}: {', '.join(payload[name])}")
     out.line(

@@ -169,9 +169,25 @@ def _update(
         workspace=workspace,
         dora_norms=plan.dora_norms.get(update.key),
     )
+    check_finite(update.key, tensor, result, plan.direction.value)
     if norms is not None:
         norms_out[norms_prefix(plan.adapters[0]) + update.key] = norms
     return result
+
+
+def check_finite(key: str, before: torch.Tensor, after: torch.Tensor, operation: str) -> None:
+    """Refuse to write NaN or Inf where the stored tensor had a finite value: an overflow of the
+    stored dtype, or non-finite factors, would otherwise be written silently."""
+    if not after.is_floating_point() or bool(torch.isfinite(after).all()):
+        return
+    bad = ~torch.isfinite(after) & torch.isfinite(before.to(after.device))
+    count = int(bad.sum())
+    if count:
+        raise InvalidInputError(
+            f"{key}: the {operation} would write NaN or Inf in {count} element(s) where the stored value is "
+            f"finite (the result overflows {str(after.dtype).removeprefix('torch.')}); check the adapters' "
+            "scales and weights, or merge into a wider dtype"
+        )
 
 
 def _prefetched(
