@@ -267,10 +267,17 @@ class MergeOptions:
         _check_fields(self)
 
 
+_RECORDED_WEIGHTS = (
+    "One weight per adapter, in order; default: the weights the merge record lists (1 where it lists none)."
+)
+_IGNORE_RECORD_HELP = "Use the given weights even where the merge record lists others."
+
+
 @dataclass(frozen=True)
 class UnmergeOptions:
-    weights: Any = option(None, _CHECKPOINT_WEIGHTS, type=WEIGHTS)
+    weights: Any = option(None, _RECORDED_WEIGHTS, type=WEIGHTS)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
+    ignore_record: bool = option(False, _IGNORE_RECORD_HELP, type=bool)
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -278,8 +285,9 @@ class UnmergeOptions:
 
 @dataclass(frozen=True)
 class VerifyOptions:
-    weights: Any = option(None, _CHECKPOINT_WEIGHTS, type=WEIGHTS)
+    weights: Any = option(None, _RECORDED_WEIGHTS, type=WEIGHTS)
     max_ulp: float = option(0.5, "Fail when a tensor is off by more.", type=float, min=0)
+    ignore_record: bool = option(False, _IGNORE_RECORD_HELP, type=bool)
 
     def __post_init__(self) -> None:
         _check_fields(self)

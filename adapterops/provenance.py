@@ -11,8 +11,13 @@ A merged checkpoint's record (``adapterops_merge.json`` and every shard's metada
 
     {"merged": [adapter_entry, ...], "history": [{"operation", "base", "adapters", "adapterops_version"}]}
 
-DoRA merges also keep the row norms unmerge needs (``adapterops_dora_norms.safetensors``), keyed
-``<first 16 hex of the adapter's sha256>/<tensor name>``.
+DoRA merges also keep the row norms unmerge needs, keyed ``<first 16 hex of the adapter's
+sha256>/<tensor name>``, in ``adapterops/dora_norms.safetensors``: a subfolder, because serving
+engines load every top-level ``*.safetensors`` of a directory without an index as weights.
+Outputs of adapterops 0.1.0 kept them at the top level (``LEGACY_NORMS_NAME``); both are read.
+
+Records are read from files anyone can edit: ``read_record`` and ``recorded_norms`` check what
+they hold before anything uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +38,8 @@ from adapterops.io.checkpoint import Checkpoint
 
 RECORD_NAME = "adapterops_merge.json"
 RECORD_KEY = "adapterops"  # safetensors metadata key, in adapters and in merged shards
-NORMS_NAME = "adapterops_dora_norms.safetensors"
+NORMS_NAME = "adapterops/dora_norms.safetensors"
+LEGACY_NORMS_NAME = "adapterops_dora_norms.safetensors"
 
 
 def input_record(adapter: Adapter) -> dict[str, Any]:
@@ -69,21 +76,77 @@ def adapter_entry(adapter: Adapter, weight: float) -> dict[str, Any]:
 
 
 def read_record(checkpoint: Checkpoint) -> dict[str, Any]:
-    """The merge record a checkpoint carries (sidecar file, else shard metadata); empty if none."""
+    """The merge record a checkpoint carries (sidecar file, else shard metadata); empty if none.
+
+    The record is checked: ``merged`` and ``history`` are lists of objects, sha256 values are
+    strings and weights numbers. Anything else is an error that names the file.
+    """
     path = checkpoint.root / RECORD_NAME
+    where = str(path) if path.is_file() else f"{checkpoint.describe()} (shard metadata {RECORD_KEY!r})"
     try:
         if path.is_file():
             record = json.loads(path.read_text())
         else:
             texts = [s.metadata[RECORD_KEY] for s in checkpoint.shards if RECORD_KEY in s.metadata]
             record = json.loads(texts[0]) if texts else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(
-            f"{checkpoint.describe()}: its merge record is not valid JSON ({exc})"
-        ) from None
-    if not isinstance(record, dict):
-        raise InvalidInputError(f"{checkpoint.describe()}: its merge record is not a JSON object")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidInputError(f"{where}: the merge record is not valid JSON ({exc}); {_FIX}") from None
+    _check_record(record, where)
     return record
+
+
+_FIX = "restore it from the merge's output or delete it (the checkpoint then counts as never merged)"
+
+
+def _check_record(record: Any, where: str) -> None:
+    if not isinstance(record, dict):
+        raise InvalidInputError(f"{where}: the merge record is not a JSON object; {_FIX}")
+    for key in ("merged", "history"):
+        items = record.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(e, dict) for e in items):
+            raise InvalidInputError(f"{where}: the merge record's {key!r} is not a list of objects; {_FIX}")
+    for entry in record.get("merged", []):
+        sha, weight = entry.get("sha256"), entry.get("weight", 1.0)
+        if (
+            (sha is not None and not isinstance(sha, str))
+            or isinstance(weight, bool)
+            or not isinstance(weight, int | float)
+        ):
+            raise InvalidInputError(
+                f"{where}: the merge record lists an adapter with a malformed sha256 or weight; {_FIX}"
+            )
+
+
+def recorded_weights(record: Mapping[str, Any], adapters: Sequence[Adapter]) -> list[float | None]:
+    """The weight the record lists for each adapter (by sha256), None where it lists none."""
+    listed = {e["sha256"]: float(e.get("weight", 1.0)) for e in record.get("merged", []) if e.get("sha256")}
+    return [listed.get(a.source.sha256) if a.source and a.source.sha256 else None for a in adapters]
+
+
+def weights_for(
+    record: Mapping[str, Any],
+    adapters: Sequence[Adapter],
+    given: Sequence[float] | None,
+    ignore_record: bool,
+    where: str,
+) -> list[float]:
+    """The weights to unmerge or verify with: those given, else those the merge record lists (1
+    where it lists none). Given weights that contradict the record are an error unless ``ignore_record``."""
+    recorded = recorded_weights(record, adapters)
+    if given is None:
+        if not record:
+            warnings.warn(
+                f"{where} has no merge record; assuming weight 1 for each adapter", UserWarning, stacklevel=4
+            )
+        return [1.0 if r is None else r for r in recorded]
+    for adapter, weight, listed in zip(adapters, given, recorded, strict=True):
+        if listed is not None and listed != float(weight) and not ignore_record:
+            raise InvalidInputError(
+                f"{adapter.describe()} was merged into {where} with weight {listed} (its merge record says so), "
+                f"not {weight}; leave the weights out to use the recorded ones, or pass "
+                f"{param('ignore_record', True)}"
+            )
+    return [float(w) for w in given]
 
 
 def next_record(
@@ -128,17 +191,42 @@ def norms_prefix(adapter: Adapter) -> str:
 
 
 def recorded_norms(checkpoint: Checkpoint, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The DoRA row norms the merge of ``adapter`` recorded, by tensor name."""
+    """The DoRA row norms the merge of ``adapter`` recorded, by tensor name, checked finite and positive."""
     path = checkpoint.root / NORMS_NAME
+    if not path.is_file():
+        path = checkpoint.root / LEGACY_NORMS_NAME
     if not path.is_file():
         raise UnsupportedAdapterError(
             f"{checkpoint.describe()}: no {NORMS_NAME}; a DoRA merge cannot be undone without the row norms its "
             "merge recorded (merge with adapterops to keep them)"
         )
+    try:
+        stored = load_file(path)
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise InvalidInputError(
+            f"{path}: not a readable safetensors file ({exc}); restore it from the merge"
+        ) from None
     prefix = norms_prefix(adapter)
-    norms = {k.removeprefix(prefix): v for k, v in load_file(path).items() if k.startswith(prefix)}
+    norms = {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
     if not norms:
         raise UnsupportedAdapterError(
             f"{path}: no row norms recorded for {adapter.describe()} (sha256 {adapter.source and adapter.source.sha256})"
         )
+    for key, norm in norms.items():
+        if (
+            norm.dim() != 1
+            or not norm.is_floating_point()
+            or not bool((torch.isfinite(norm) & (norm > 0)).all())
+        ):
+            raise InvalidInputError(
+                f"{path}: the row norms of {key} are not a vector of positive finite numbers; restore it from the merge"
+            )
     return norms
+
+
+def norms_file(root: Path) -> Path | None:
+    """Where a checkpoint directory keeps its DoRA row norms (this version's place, else the old one)."""
+    for name in (NORMS_NAME, LEGACY_NORMS_NAME):
+        if (root / name).is_file():
+            return root / name
+    return None

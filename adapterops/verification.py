@@ -15,6 +15,7 @@ from adapterops.io.safetensors_file import read_tensor
 from adapterops.merging import Direction, apply_update, load_inputs, plan_merge
 from adapterops.ops.rounding import MANTISSA_BITS, ulp
 from adapterops.options import VerifyOptions
+from adapterops.provenance import read_record, weights_for
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def verify(
     weights: Sequence[float] | None = None,
     *,
     max_ulp: float = 0.5,
+    ignore_record: bool = False,
     progress: Any = None,
 ) -> VerifyReport:
     """Recompute every updated tensor of ``merged`` from ``base`` and the adapters in float64.
@@ -90,6 +92,8 @@ def verify(
         base, adapters, weights: what ``merge`` was given (paths, Hub ids or loaded objects).
         merged: the merged checkpoint to check.
         max_ulp: the error an updated tensor may have for ``passed()`` (0.5: correctly rounded).
+        ignore_record: use the given ``weights`` even where ``merged``'s merge record lists others
+            (by default, weights left out are taken from that record).
         progress: called with (bytes, tensor name) per tensor checked.
 
     Returns:
@@ -98,10 +102,12 @@ def verify(
     Example:
         >>> verify("./base", ["./lora"], "./merged").passed()
     """
-    opts = VerifyOptions(weights=weights, max_ulp=max_ulp)
+    opts = VerifyOptions(weights=weights, max_ulp=max_ulp, ignore_record=ignore_record)
     checkpoint, loaded = load_inputs(base, adapters)
     result = merged if isinstance(merged, Checkpoint) else open_checkpoint(merged)
-    plan = plan_merge(checkpoint, loaded, opts.weights, direction=Direction.MERGE, remerge=True)
+    given = [float(w) for w in opts.weights] if opts.weights else None
+    chosen = weights_for(read_record(result), loaded, given, opts.ignore_record, result.describe())
+    plan = plan_merge(checkpoint, loaded, chosen, direction=Direction.MERGE, remerge=True)
     ours, theirs = checkpoint.locate(), result.locate()
     missing = tuple(sorted(set(ours) - set(theirs)))
     extra = tuple(sorted(set(theirs) - set(ours)))

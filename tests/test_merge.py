@@ -195,9 +195,12 @@ def test_verify_reports_half_an_ulp_and_finds_tampering(zoo: Zoo, bases, tmp_pat
     report = ao.verify(base, [zoo["llama_a"]], tmp_path / "merged")
     assert report.ok and 0 < report.max_ulp <= 0.5
     assert report.as_dict()["tensors_updated"] == len(ao.load_adapter(zoo["llama_a"]).modules)
-    # merged with another weight: verify at weight 1 sees ulp errors far above 0.5
+    # merged with another weight: verify takes it from the record; at weight 1 it sees errors far above 0.5
     ao.merge(base, [zoo["llama_a"]], [0.5], out=tmp_path / "half")
-    assert ao.verify(base, [zoo["llama_a"]], tmp_path / "half").max_ulp > 2
+    assert ao.verify(base, [zoo["llama_a"]], tmp_path / "half").passed()
+    with pytest.raises(ao.InvalidInputError, match=r"with weight 0.5 \(its merge record says so\), not 1.0"):
+        ao.verify(base, [zoo["llama_a"]], tmp_path / "half", [1.0])
+    assert ao.verify(base, [zoo["llama_a"]], tmp_path / "half", [1.0], ignore_record=True).max_ulp > 2
     # an untouched tensor changed: listed
     ao.merge(base, [zoo["llama_b"]], out=tmp_path / "other")
     wrong = ao.verify(base, [zoo["llama_a"]], tmp_path / "other")

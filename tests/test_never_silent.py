@@ -53,3 +53,58 @@ def test_verify_fails_on_nan_or_inf_in_a_merged_tensor(zoo: Zoo, tmp_path: Path)
     assert not report.passed() and report.non_finite == (key,)
     code, out, _ = run("verify", base, zoo["llama_a"], tmp_path / "merged")
     assert code == 1 and f"non finite: {key}" in out and "FAILED" in out
+
+
+def test_unmerge_takes_the_recorded_weights_and_refuses_contradicting_ones(zoo: Zoo, tmp_path: Path) -> None:
+    base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.float32)
+    ao.merge(base, [zoo["llama_a"], zoo["llama_b"]], [0.7, -0.3], out=tmp_path / "merged")
+    ao.unmerge(tmp_path / "merged", [zoo["llama_a"], zoo["llama_b"]], out=tmp_path / "back")
+    original, back = load_file(base / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert all(torch.allclose(back[k], v, atol=1e-6, rtol=0) for k, v in original.items())
+    code, _, err = run(
+        "unmerge", tmp_path / "merged", zoo["llama_a"], zoo["llama_b"], "-w", "1", "1", "-o", tmp_path / "x"
+    )
+    assert (
+        code == 2
+        and "with weight 0.7 (its merge record says so), not 1.0" in err
+        and "--ignore-record" in err
+    )
+    assert not (tmp_path / "x").exists()
+    with pytest.warns(UserWarning, match="has no merge record; assuming weight 1"):
+        ao.unmerge(base, [zoo["llama_a"]], out=tmp_path / "y")
+
+
+def test_a_merge_record_that_lies_is_a_clean_error(zoo: Zoo, tmp_path: Path) -> None:
+    base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.float32)
+    ao.merge(base, [zoo["llama_a"]], out=tmp_path / "merged")
+    record = tmp_path / "merged" / "adapterops_merge.json"
+    for text, message in [
+        ("[1, 2]", "the merge record is not a JSON object"),
+        ('{"merged": {"a": 1}}', "the merge record's 'merged' is not a list of objects"),
+        ('{"merged": [{"sha256": 5, "weight": 1}]}', "the merge record lists an adapter with a malformed"),
+        ("{not json", "the merge record is not valid JSON"),
+    ]:
+        record.write_text(text)
+        code, out, err = run("unmerge", tmp_path / "merged", zoo["llama_a"], "-o", tmp_path / "x")
+        assert (
+            (code, out) == (2, "") and err.startswith(f"error: {record}: {message}") and err.count("\n") == 1
+        )
+
+
+def test_dora_row_norms_live_in_a_subfolder_and_lying_norms_are_refused(zoo: Zoo, tmp_path: Path) -> None:
+    base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.float32)
+    ao.merge(base, [zoo["llama_dora"]], out=tmp_path / "merged")
+    top_level = sorted(p.name for p in (tmp_path / "merged").glob("*.safetensors"))
+    assert top_level == ["model.safetensors"]  # what a serving engine would load as weights
+    norms = tmp_path / "merged" / "adapterops" / "dora_norms.safetensors"
+    stored = load_file(norms)
+    key = next(iter(stored))
+    stored[key] = -stored[key]
+    save_file(stored, norms)
+    code, _, err = run("unmerge", tmp_path / "merged", zoo["llama_dora"], "-o", tmp_path / "x")
+    assert code == 2 and "are not a vector of positive finite numbers" in err
+    # outputs of adapterops 0.1.0 kept the norms at the top level: still read
+    stored[key] = -stored[key]
+    save_file(stored, tmp_path / "merged" / "adapterops_dora_norms.safetensors")
+    norms.unlink()
+    ao.unmerge(tmp_path / "merged", [zoo["llama_dora"]], out=tmp_path / "back")

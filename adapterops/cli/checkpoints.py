@@ -110,7 +110,12 @@ def unmerge(merged: str, adapters: tuple[str, ...], **kwargs: Any) -> None:
 @options_from(VerifyOptions)
 @display_options
 def verify(
-    base: str, adapters_and_merged: tuple[str, ...], weights: tuple[float, ...], max_ulp: float, **kwargs: Any
+    base: str,
+    adapters_and_merged: tuple[str, ...],
+    weights: tuple[float, ...],
+    max_ulp: float,
+    ignore_record: bool,
+    **kwargs: Any,
 ) -> None:
     """Check a merged checkpoint: recompute every updated tensor in float64 and report its error
     in units in the last place (ulp) of its dtype, plus key coverage. Exits 1 on any problem.
@@ -126,7 +131,9 @@ def verify(
         raise click.UsageError("give the base, at least one adapter, and the merged checkpoint last")
     *adapters, merged = adapters_and_merged
     out = pop_display(kwargs)
-    report = verify_checkpoint(base, adapters, merged, list(weights) or None, max_ulp=max_ulp)
+    report = verify_checkpoint(
+        base, adapters, merged, list(weights) or None, max_ulp=max_ulp, ignore_record=ignore_record
+    )
     passed = report.passed()
     payload = report.as_dict()
     if out.as_json:

@@ -84,6 +84,7 @@ def unmerge(
     *,
     out: str | Path,
     device: str = "auto",
+    ignore_record: bool = False,
     force: bool = False,
     dry_run: bool = False,
     push_to: str | None = None,
@@ -92,13 +93,14 @@ def unmerge(
 ) -> MergeResult:
     """Write ``merged`` with the adapters' updates taken out again: W = W' - sum_i w_i dW_i.
 
-    Exact up to one step of the stored dtype; DoRA needs the row norms its merge recorded. The
-    arguments are ``merge``'s.
+    Exact up to one step of the stored dtype; DoRA needs the row norms its merge recorded.
+    ``weights`` default to those the merge record lists; given weights that contradict the record
+    need ``ignore_record``. The other arguments are ``merge``'s.
     """
-    opts = UnmergeOptions(weights=weights, device=device)
+    opts = UnmergeOptions(weights=weights, device=device, ignore_record=ignore_record)
     return _stream(
-        Direction.UNMERGE, merged, adapters, opts.weights, out, opts.device, False, force, dry_run, push_to,
-        private, progress,
+        Direction.UNMERGE, merged, adapters, opts.weights, out, opts.device, opts.ignore_record, force, dry_run,
+        push_to, private, progress,
     )  # fmt: skip
 
 
@@ -109,7 +111,7 @@ def _stream(
     weights: Sequence[float] | None,
     out: str | Path,
     device: str,
-    remerge: bool,
+    record_flag: bool,  # remerge for a merge, ignore_record for an unmerge
     force: bool,
     dry_run: bool,
     push_to: str | None,
@@ -120,7 +122,8 @@ def _stream(
     if not dry_run:
         check_output_path(target, force=force)  # before any download or planning
     checkpoint, loaded = load_inputs(base, adapters)
-    plan = plan_merge(checkpoint, loaded, weights, direction=direction, remerge=remerge)
+    flags = {"remerge": record_flag} if direction is Direction.MERGE else {"ignore_record": record_flag}
+    plan = plan_merge(checkpoint, loaded, weights, direction=direction, **flags)
     if dry_run:
         return MergeResult(target, len(plan.updates), 0, 0.0, device, dry_run=True, plan=plan.describe())
     if push_to is None:

@@ -27,7 +27,7 @@ from adapterops.io.safetensors_file import Shard, ShardWriter, TensorEntry, read
 from adapterops.merging.plan import Direction, MergePlan, Update
 from adapterops.ops.dora import dora_merge, dora_unmerge
 from adapterops.ops.kernels import Workspace, add_bias_updates, add_updates
-from adapterops.provenance import NORMS_NAME, RECORD_KEY, RECORD_NAME, norms_prefix
+from adapterops.provenance import NORMS_NAME, RECORD_KEY, RECORD_NAME, norms_file, norms_prefix
 
 Progress = Callable[[int, str], None]  # (bytes done, tensor name)
 
@@ -113,13 +113,14 @@ def execute(
 
 def _write_norms(plan: MergePlan, tmp: Path, new: Mapping[str, torch.Tensor]) -> None:
     """Keep the norms of DoRA adapters still merged; add this merge's; drop an unmerged adapter's."""
-    old_path = plan.checkpoint.root / NORMS_NAME
-    kept = load_file(old_path) if old_path.is_file() else {}
+    old_path = norms_file(plan.checkpoint.root)
+    kept = load_file(old_path) if old_path is not None else {}
     if plan.direction is Direction.UNMERGE:
         drop = tuple(norms_prefix(a) for a in plan.adapters if a.source)
         kept = {k: v for k, v in kept.items() if not k.startswith(drop)}
     kept.update(new)
     if kept:
+        (tmp / NORMS_NAME).parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in kept.items()}, tmp / NORMS_NAME)
 
 

@@ -21,7 +21,7 @@ from adapterops.io import load_adapter
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.safetensors_file import TensorEntry
 from adapterops.ops.combine import check_weights
-from adapterops.provenance import next_record, read_record, recorded_norms
+from adapterops.provenance import next_record, read_record, recorded_norms, weights_for
 
 TORCH_BASELINE_BYTES = 220 * 2**20  # resident after `import torch` (CPU build), measured
 
@@ -129,12 +129,14 @@ def plan_merge(
     *,
     direction: Direction | str = Direction.MERGE,
     remerge: bool = False,
+    ignore_record: bool = False,
 ) -> MergePlan:
     """Map every adapter module onto exactly one checkpoint tensor and check shapes; no tensor data is read.
 
     ``base`` and ``adapters`` are paths, Hub ids or loaded objects. ``remerge`` allows merging an
-    adapter the checkpoint's merge record already lists. ``plan.describe()`` says what a merge
-    would do.
+    adapter the checkpoint's merge record already lists. Unmerging without ``weights`` uses the
+    weights the record lists; given weights that contradict it need ``ignore_record``.
+    ``plan.describe()`` says what a merge would do.
 
     Example:
         >>> plan_merge("./base", ["./lora"]).describe()["tensors_updated"]
@@ -144,20 +146,30 @@ def plan_merge(
     inputs = tuple(loaded)
     if not inputs:
         raise InvalidInputError(f"{direction.value} needs at least one adapter")
-    checked = check_weights(list(weights) if weights else None, len(inputs))
+    given = list(weights) if weights else None
+    checked = check_weights(given, len(inputs))
     if any(callable(w) for w in checked):
         raise InvalidInputError(
             f"{direction.value} takes one number per adapter; per-module weights apply to combine: combine first"
         )
-    weights = tuple(float(w) for w in checked if not callable(w))
+    prior = read_record(checkpoint)
+    if direction is Direction.UNMERGE:
+        given = weights_for(prior, inputs, given, ignore_record, checkpoint.describe())
+    weights = tuple(float(w) for w in (given or checked) if not callable(w))
     slots: dict[str, _Slot] = {}
     for weight, adapter in zip(weights, inputs, strict=True):
         _plan_modules(checkpoint, adapter, weight, len(inputs), slots)
         _plan_full_tensors(checkpoint, adapter, direction, slots)
-    record = next_record(read_record(checkpoint), checkpoint, inputs, weights, direction.value, remerge)
+    record = next_record(prior, checkpoint, inputs, weights, direction.value, remerge)
     norms: dict[str, torch.Tensor] = {}
     if direction is Direction.UNMERGE and any(s.dora is not None for s in slots.values()):
         norms = recorded_norms(checkpoint, inputs[0])
+        for key, slot in slots.items():
+            if slot.dora is not None and (key not in norms or norms[key].numel() != slot.dora.out_features):
+                raise InvalidInputError(
+                    f"{checkpoint.describe()}: the recorded DoRA row norms of {key} are missing or do not have one "
+                    f"entry per output row ({slot.dora.out_features}); restore them from the merge"
+                )
     other = tuple((p, p.stat().st_size) for p in checkpoint.other_files())
     updates = {key: slot.freeze(key) for key, slot in slots.items()}
     return MergePlan(direction, checkpoint, inputs, weights, updates, record, other, norms)
