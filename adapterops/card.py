@@ -16,6 +16,8 @@ from typing import Any
 from adapterops._version import __version__
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+LINEAGE_START = "<!-- adapterops lineage: start (rewritten by adapterops; text outside it is kept) -->"
+LINEAGE_END = "<!-- adapterops lineage: end -->"
 _FIELDS = ("operation", "method", "weights", "rank", "energy", "sv_ratio", "by", "form", "base", "summary")
 
 
@@ -35,25 +37,42 @@ def render_card(
     Example: ``render_card("adapter", "mix", {"operation": "negate"})`` starts with
     ``---\\nlibrary_name: peft\\n`` and lists ``- operation: `negate```.
     """
-    merged = kind == "checkpoint"
-    lines = ["---", f"library_name: {'transformers' if merged else 'peft'}"]
+    checkpoint = kind == "checkpoint"
+    merged = checkpoint and bool(provenance.get("merged") or provenance.get("history"))
+    lines = ["---", f"library_name: {'transformers' if checkpoint else 'peft'}"]
     if base_model and _HUB_ID.match(base_model):
         lines.append(f"base_model: {base_model}")  # a Hub id: a plain YAML scalar
-    lines += ["tags:", "- adapterops", "- lora", *(["- merge"] if merged else []), "---", ""]
-    lines += [f"# {title}", "", _what(merged), "", "## Lineage", ""]
-    lineage = lineage_lines(provenance)
-    lines += lineage or ["No adapterops record: this output was not made by adapterops."]
-    lines += [f"- {fact}" for fact in facts]
-    lines += ["", f"Card written by adapterops {__version__}.", ""]
+    lines += ["tags:", "- adapterops", *(["- lora"] if merged or not checkpoint else [])]
+    lines += [*(["- merge"] if merged else []), "---", ""]
+    lines += [f"# {title}", "", _what(checkpoint, merged), "", lineage_section(provenance, facts)]
     return "\n".join(lines)
 
 
-def _what(merged: bool) -> str:
+def lineage_section(provenance: Mapping[str, Any], facts: Sequence[str] = ()) -> str:
+    """The ``## Lineage`` section between markers, so a later write can replace just this part."""
+    lines = [LINEAGE_START, "## Lineage", ""]
+    lines += lineage_lines(provenance) or ["No adapterops record: this output was not made by adapterops."]
+    lines += [f"- {fact}" for fact in facts]
+    lines += ["", f"Card written by adapterops {__version__}.", LINEAGE_END, ""]
+    return "\n".join(lines)
+
+
+def with_lineage(readme: str, section: str) -> str:
+    """``readme`` (a card someone wrote) with its adapterops lineage section replaced, or appended."""
+    start, end = readme.find(LINEAGE_START), readme.find(LINEAGE_END)
+    if start != -1 and end > start:
+        return readme[:start] + section.rstrip("\n") + readme[end + len(LINEAGE_END) :]
+    return readme.rstrip("\n") + "\n\n" + section
+
+
+def _what(checkpoint: bool, merged: bool) -> str:
     if merged:
         return (
             "A checkpoint with LoRA adapters merged in. Load it with "
             "`AutoModelForCausalLM.from_pretrained(path_or_repo_id)`."
         )
+    if checkpoint:
+        return "A checkpoint. Load it with `AutoModelForCausalLM.from_pretrained(path_or_repo_id)`."
     return "A LoRA adapter. Load it with `PeftModel.from_pretrained(base_model, path_or_repo_id)`."
 
 
@@ -64,13 +83,23 @@ def public_name(item: Mapping[str, Any]) -> str:
     return PurePath(str(item.get("path", "?"))).name or str(item.get("path", "?"))
 
 
+_ABSOLUTE = re.compile(r"""(?<![\w./~-])(?:/|~/)[^\s'"\]\[{},]*""")
+
+
+def without_local_paths(text: str) -> str:
+    """``text`` with every absolute local path replaced by its last component: a public card must not
+    show the author's directories. Example: ``merge /home/me/base ./a`` -> ``merge base ./a``."""
+    return _ABSOLUTE.sub(lambda m: PurePath(m.group(0)).name or m.group(0), text)
+
+
 def lineage_lines(provenance: Mapping[str, Any]) -> list[str]:
     """The lineage section of a card, from an adapter's record or a checkpoint's merge record."""
     lines: list[str] = []
     if provenance.get("command"):
-        lines += ["```", str(provenance["command"]), "```", ""]
+        lines += ["```", without_local_paths(str(provenance["command"])), "```", ""]
     if provenance.get("recipe"):
-        lines += ["Recipe:", "", "```yaml", str(provenance["recipe"]).rstrip(), "```", ""]
+        recipe = without_local_paths(str(provenance["recipe"]).rstrip())
+        lines += ["Recipe:", "", "```yaml", recipe, "```", ""]
     for key in _FIELDS:
         value = provenance.get(key)
         if value is not None:
@@ -86,5 +115,13 @@ def lineage_lines(provenance: Mapping[str, Any]) -> list[str]:
         lines.append(f"- made with adapterops {provenance['adapterops_version']}")
     for step in provenance.get("history", []):
         names = ", ".join(public_name(a) for a in step.get("adapters", []))
-        lines.append(f"- {step.get('operation')}: {names} (adapterops {step.get('adapterops_version')})")
+        base = step.get("base") or {}
+        into = f" into `{public_name(base)}`" + (f" @ `{base['revision']}`" if base.get("revision") else "")
+        lines.append(
+            f"- {step.get('operation')}: {names}{into if base else ''} (adapterops {step.get('adapterops_version')})"
+        )
+        if step.get("command"):
+            lines.append(f"  - command: `{without_local_paths(str(step['command']))}`")
+        for shard, sha in sorted((base.get("shards") or {}).items()):
+            lines.append(f"  - base shard `{shard}` sha256 `{sha}`")
     return lines

@@ -22,7 +22,9 @@ they hold before anything uses it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,27 +37,87 @@ from adapterops._version import __version__
 from adapterops.adapter import Adapter
 from adapterops.errors import InvalidInputError, UnsupportedAdapterError, param
 from adapterops.io.checkpoint import Checkpoint
+from adapterops.io.peft import file_sha256
 
 RECORD_NAME = "adapterops_merge.json"
 RECORD_KEY = "adapterops"  # safetensors metadata key, in adapters and in merged shards
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 NORMS_NAME = "adapterops/dora_norms.safetensors"
 LEGACY_NORMS_NAME = "adapterops_dora_norms.safetensors"
 
 
 def input_record(adapter: Adapter) -> dict[str, Any]:
-    """Where an input came from (path or repo_id@revision, sha256) and, if recorded, how it was made."""
+    """Where an input came from (path or repo_id@revision, sha256) and, if recorded, how it was made.
+
+    An adapter that was never a file (made in memory, or by an earlier recipe step that wrote no
+    output) is identified by ``content_sha256``, a digest of its tensors.
+    """
     record: dict[str, Any] = adapter.source.as_dict() if adapter.source else {"path": "<in memory>"}
+    if not record.get("sha256"):
+        record["content_sha256"] = content_sha256(adapter)
     if adapter.provenance:
         record["made_by"] = adapter.provenance
     return record
 
 
+def content_sha256(adapter: Adapter) -> str:
+    """sha256 of an adapter's tensors (names, dtypes, shapes and bytes, in name order) and scales."""
+    digest = hashlib.sha256()
+    items: list[tuple[str, torch.Tensor | None]] = []
+    for name, m in sorted(adapter.modules.items()):
+        digest.update(f"{name}:{m.scale!r}:{m.kind.value}:{m.transposed}".encode())
+        items += [
+            (f"{name}.A", m.A),
+            (f"{name}.B", m.B),
+            (f"{name}.bias", m.bias),
+            (f"{name}.m", m.magnitude),
+        ]
+    items += sorted(adapter.full_tensors.items())
+    for name, tensor in items:
+        if tensor is None:
+            continue
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A base checkpoint as a record: its path, and its Hub id and commit when it came from the Hub."""
+    """A base checkpoint as a record: its path, its Hub id and commit when it came from the Hub, and
+    the sha256 of its shards where they are known without reading them (Hub cache blobs are named
+    by their sha256); ``shard_sha256s`` computes the others."""
     record: dict[str, Any] = {"path": str(checkpoint.root)}
     if checkpoint.repo_id:
         record.update(repo_id=checkpoint.repo_id, revision=checkpoint.revision)
+    known = _known_shard_sha256s(checkpoint)
+    if len(known) == len(checkpoint.shards):
+        record["shards"] = known
     return record
+
+
+def _known_shard_sha256s(checkpoint: Checkpoint) -> dict[str, str]:
+    if not checkpoint.repo_id:
+        return {}
+    found = {}
+    for shard in checkpoint.shards:
+        blob = shard.path.resolve().name
+        if _SHA256.fullmatch(blob):
+            found[shard.path.name] = blob
+    return found
+
+
+def shard_sha256s(checkpoint: Checkpoint) -> dict[str, str]:
+    """The sha256 of every shard file of ``checkpoint`` (read in full where not known already)."""
+    known = _known_shard_sha256s(checkpoint)
+    return {s.path.name: known.get(s.path.name) or file_sha256(s.path) for s in checkpoint.shards}
+
+
+def with_shard_sha256s(record: Mapping[str, Any], hashes: Mapping[str, str]) -> dict[str, Any]:
+    """``record`` with the base of its last history step naming its shards' sha256."""
+    history = [dict(step) for step in record.get("history", [])]
+    if history:
+        history[-1]["base"] = {**dict(history[-1].get("base") or {}), "shards": dict(hashes)}
+    return {**record, "history": history}
 
 
 def operation_record(operation: str, inputs: Sequence[Adapter], **fields: Any) -> dict[str, Any]:
@@ -71,7 +133,11 @@ def operation_record(operation: str, inputs: Sequence[Adapter], **fields: Any) -
 
 
 def adapter_entry(adapter: Adapter, weight: float) -> dict[str, Any]:
-    entry = adapter.source.as_dict() if adapter.source else {"path": "<in memory>"}
+    """An adapter in a merge record: where it came from (as ``input_record``), its weight, its size."""
+    entry = input_record(adapter)
+    entry.pop("made_by", None)
+    if adapter.provenance:
+        entry["operation"] = adapter.provenance.get("operation")
     return {**entry, "weight": weight, "modules": len(adapter.modules), "dora": adapter.is_dora}
 
 
@@ -117,10 +183,20 @@ def _check_record(record: Any, where: str) -> None:
             )
 
 
+def identity(adapter: Adapter) -> str:
+    """What identifies an adapter in records: its file's sha256, else the digest of its tensors."""
+    return (adapter.source.sha256 if adapter.source else None) or content_sha256(adapter)
+
+
+def _entry_identity(entry: Mapping[str, Any]) -> str | None:
+    return entry.get("sha256") or entry.get("content_sha256")
+
+
 def recorded_weights(record: Mapping[str, Any], adapters: Sequence[Adapter]) -> list[float | None]:
     """The weight the record lists for each adapter (by sha256), None where it lists none."""
-    listed = {e["sha256"]: float(e.get("weight", 1.0)) for e in record.get("merged", []) if e.get("sha256")}
-    return [listed.get(a.source.sha256) if a.source and a.source.sha256 else None for a in adapters]
+    listed = {_entry_identity(e): float(e.get("weight", 1.0)) for e in record.get("merged", [])}
+    listed.pop(None, None)
+    return [listed.get(identity(a)) for a in adapters]
 
 
 def weights_for(
@@ -156,12 +232,13 @@ def next_record(
     weights: Sequence[float],
     operation: str,
     remerge: bool,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """The record after merging (or unmerging) ``adapters`` into a checkpoint whose record is ``prior``."""
     merged = [dict(e) for e in prior.get("merged", [])]
     for adapter, weight in zip(adapters, weights, strict=True):
-        sha = adapter.source.sha256 if adapter.source else None
-        listed = [e for e in merged if sha and e.get("sha256") == sha]
+        sha = identity(adapter)
+        listed = [e for e in merged if _entry_identity(e) == sha]
         if operation == "merge":
             if listed and not remerge:
                 raise InvalidInputError(
@@ -182,12 +259,13 @@ def next_record(
         "base": checkpoint_record(checkpoint),
         "adapters": [adapter_entry(a, w) for a, w in zip(adapters, weights, strict=True)],
         "adapterops_version": __version__,
+        **({"command": command} if command else {}),
     }
     return {"merged": merged, "history": [*prior.get("history", []), step]}
 
 
 def norms_prefix(adapter: Adapter) -> str:
-    return f"{((adapter.source.sha256 if adapter.source else None) or '')[:16]}/"
+    return f"{identity(adapter)[:16]}/"
 
 
 def recorded_norms(checkpoint: Checkpoint, adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -210,7 +288,7 @@ def recorded_norms(checkpoint: Checkpoint, adapter: Adapter) -> dict[str, torch.
     norms = {k.removeprefix(prefix): v for k, v in stored.items() if k.startswith(prefix)}
     if not norms:
         raise UnsupportedAdapterError(
-            f"{path}: no row norms recorded for {adapter.describe()} (sha256 {adapter.source and adapter.source.sha256})"
+            f"{path}: no row norms recorded for {adapter.describe()} (sha256 {identity(adapter)})"
         )
     for key, norm in norms.items():
         if (

@@ -81,7 +81,7 @@ def test_merged_tensors_are_the_correctly_rounded_float64_sum(
         assert torch.equal(value, want), f"{key}: not the correctly rounded float64 result"
     assert (bases[base] / "config.json").read_bytes() == (tmp_path / "merged" / "config.json").read_bytes()
     files = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert files == sorted([*(p.name for p in bases[base].iterdir()), RECORD_NAME])
+    assert files == sorted([*(p.name for p in bases[base].iterdir()), RECORD_NAME, "README.md"])
 
 
 ZOO_FACTORY: dict[str, object] = {}

@@ -108,3 +108,58 @@ def test_dora_row_norms_live_in_a_subfolder_and_lying_norms_are_refused(zoo: Zoo
     save_file(stored, tmp_path / "merged" / "adapterops_dora_norms.safetensors")
     norms.unlink()
     ao.unmerge(tmp_path / "merged", [zoo["llama_dora"]], out=tmp_path / "back")
+
+
+def test_a_merge_records_its_base_shards_and_writes_a_card_without_local_paths(
+    zoo: Zoo, tmp_path: Path
+) -> None:
+    import hashlib
+
+    base = save_base_checkpoint(tiny_llama, tmp_path / "base", dtype=torch.float32)
+    (base / "README.md").write_text("# My base model\n\nNotes the author wrote.\n")
+    code, _, err = run("merge", base, zoo["llama_a"], "-o", tmp_path / "merged", "-q")
+    assert code == 0, err
+    record = json.loads((tmp_path / "merged" / "adapterops_merge.json").read_text())
+    step = record["history"][-1]
+    assert step["base"]["shards"] == {
+        "model.safetensors": hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    }
+    assert step["command"].startswith("adapterops merge ") and " -q" not in step["command"]
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert card.startswith("# My base model\n\nNotes the author wrote.\n")  # the author's text is kept
+    assert "## Lineage" in card and step["base"]["shards"]["model.safetensors"] in card
+    assert str(tmp_path) not in card  # no absolute local paths in a card
+    # merging again into the output replaces the lineage section instead of adding a second one
+    ao.merge(tmp_path / "merged", [zoo["llama_b"]], out=tmp_path / "twice")
+    assert (tmp_path / "twice" / "README.md").read_text().count("## Lineage") == 1
+
+
+def test_cosmetic_flags_do_not_change_a_single_byte(zoo: Zoo, tmp_path: Path, monkeypatch) -> None:
+    common = ["combine", zoo["llama_a"], zoo["llama_b"], "-w", "0.7", "0.3", "-o", "out"]
+    for folder, flags in (("plain", []), ("loud", ["--json", "--force", "-v"]), ("quiet", ["-q"])):
+        (tmp_path / folder).mkdir()
+        if "--force" in flags:  # something to replace
+            (tmp_path / folder / "out").mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        assert run(*common, *flags)[0] == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        files = {(tmp_path / f / "out" / name).read_bytes() for f in ("plain", "loud", "quiet")}
+        assert len(files) == 1, name
+
+
+def test_recipe_merges_record_the_steps_they_merged(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+inputs: {{a: {INPUTS / "style-a"}, b: {INPUTS / "style-b"}, base: {BASE}}}
+steps:
+  - name: mix
+    combine: {{inputs: [a, b], weights: [0.5, 0.5]}}
+  - name: merged
+    merge: {{base: base, inputs: [mix]}}
+    output: merged
+""")
+    ao.run_recipe(recipe)
+    text = (tmp_path / "merged" / "adapterops_merge.json").read_text()
+    assert "<in memory>" not in text
+    entry = json.loads(text)["merged"][0]
+    assert entry["path"] == "r.yaml#mix" and len(entry["content_sha256"]) == 64

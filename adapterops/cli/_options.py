@@ -90,6 +90,34 @@ def pop_write(kwargs: dict[str, Any]) -> WriteOptions:
     return WriteOptions(**{f.name: kwargs.pop(f.name) for f in option_fields(WriteOptions)})
 
 
+# flags that change what a command prints or where it sends its output, not what the output holds
+_COSMETIC = {"-q", "--quiet", "-v", "--verbose", "--json", "--force", "--private", "--dry-run"}
+_COSMETIC_WITH_VALUE = {"--push"}
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line to record in an output: the same inputs and options give the same record,
+    whatever cosmetic flags (-q, --json, --force, --push ...) were passed.
+
+    Example: ``["merge", "b", "a", "-o", "m", "-q", "--push", "me/m"]`` -> ``adapterops merge b a -o m``.
+    """
+    import shlex
+
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _COSMETIC or (arg.split("=", 1)[0] in _COSMETIC_WITH_VALUE and "=" in arg):
+            continue
+        if arg in _COSMETIC_WITH_VALUE:
+            skip = True
+            continue
+        kept.append(arg)
+    return shlex.join(["adapterops", *kept])
+
+
 class WeightsCommand(click.Command):
     """Lets ``--weights 0.7 0.3`` (and negative ``-0.4``) follow the option, as users write it.
 

@@ -7,7 +7,6 @@ shell completion never import torch.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ from adapterops.cli._options import (
     options_from,
     pop_display,
     pop_write,
+    recorded_command,
     write_options,
 )
 from adapterops.options import (
@@ -222,7 +222,7 @@ def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: An
     summary = summarize(adapter.report)
     argv = click.get_current_context().find_root().meta.get("argv", [])
     provenance = dict(adapter.provenance or {})
-    provenance.update(command=shlex.join(["adapterops", *argv]), summary=summary_line(summary))
+    provenance.update(command=recorded_command(argv), summary=summary_line(summary))
     save_adapter(replace(adapter, provenance=provenance), output, force=force, dtype=write.dtype.value)
     pushed = push_output(output, write)
     if out.as_json:

@@ -8,7 +8,13 @@ from typing import Any
 
 import click
 
-from adapterops.cli._options import WeightsCommand, display_options, options_from, pop_display
+from adapterops.cli._options import (
+    WeightsCommand,
+    display_options,
+    options_from,
+    pop_display,
+    recorded_command,
+)
 from adapterops.options import MergeOptions, UnmergeOptions, VerifyOptions
 
 
@@ -41,12 +47,23 @@ def _stream(function_name: str, checkpoint: str, adapters: tuple[str, ...], kwar
     weights = list(kwargs.pop("weights")) or None
     output, push = kwargs.pop("output"), kwargs.pop("push")
 
+    command = recorded_command(click.get_current_context().find_root().meta.get("argv", []))
+
     def run() -> Any:
         opened = open_checkpoint(checkpoint) if not kwargs["dry_run"] else checkpoint
         total = opened.total_size if not isinstance(opened, str) else 0
         with out.byte_progress(function_name, total) as advance:
             function = getattr(merging, function_name)
-            return function(opened, adapters, weights, out=output, push_to=push, progress=advance, **kwargs)
+            return function(
+                opened,
+                adapters,
+                weights,
+                out=output,
+                push_to=push,
+                progress=advance,
+                command=command,
+                **kwargs,
+            )
 
     result = out.run(run)
     if result.dry_run:

@@ -48,6 +48,7 @@ def merge(
     push_to: str | None = None,
     private: bool = False,
     progress: Progress | None = None,
+    command: str | None = None,
 ) -> MergeResult:
     """Write ``base`` with ``sum_i weights[i] * dW_i`` added (DoRA: PEFT's merge) to ``out``.
 
@@ -63,6 +64,7 @@ def merge(
         push_to: a Hub repo to upload the output to, shard by shard while the merge runs.
         private: create the ``push_to`` repo private.
         progress: called with (bytes done, tensor name) as tensors are written.
+        command: the command line that asked for this merge, kept in the merge record.
 
     Returns:
         A ``MergeResult``: tensors updated, bytes written, time, device, and the commit URL if pushed.
@@ -73,7 +75,7 @@ def merge(
     opts = MergeOptions(weights=weights, device=device, remerge=remerge)
     return _stream(
         Direction.MERGE, base, adapters, opts.weights, out, opts.device, opts.remerge, force, dry_run, push_to,
-        private, progress,
+        private, progress, command,
     )  # fmt: skip
 
 
@@ -90,6 +92,7 @@ def unmerge(
     push_to: str | None = None,
     private: bool = False,
     progress: Progress | None = None,
+    command: str | None = None,
 ) -> MergeResult:
     """Write ``merged`` with the adapters' updates taken out again: W = W' - sum_i w_i dW_i.
 
@@ -100,7 +103,7 @@ def unmerge(
     opts = UnmergeOptions(weights=weights, device=device, ignore_record=ignore_record)
     return _stream(
         Direction.UNMERGE, merged, adapters, opts.weights, out, opts.device, opts.ignore_record, force, dry_run,
-        push_to, private, progress,
+        push_to, private, progress, command,
     )  # fmt: skip
 
 
@@ -117,13 +120,14 @@ def _stream(
     push_to: str | None,
     private: bool,
     progress: Progress | None,
+    command: str | None,
 ) -> MergeResult:
     target = Path(out).absolute()
     if not dry_run:
         check_output_path(target, force=force)  # before any download or planning
     checkpoint, loaded = load_inputs(base, adapters)
     flags = {"remerge": record_flag} if direction is Direction.MERGE else {"ignore_record": record_flag}
-    plan = plan_merge(checkpoint, loaded, weights, direction=direction, **flags)
+    plan = plan_merge(checkpoint, loaded, weights, direction=direction, command=command, **flags)
     if dry_run:
         return MergeResult(target, len(plan.updates), 0, 0.0, device, dry_run=True, plan=plan.describe())
     if push_to is None:

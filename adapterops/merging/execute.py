@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterops.card import lineage_section, render_card, with_lineage
 from adapterops.errors import InvalidInputError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir, check_output_path
 from adapterops.io.checkpoint import INDEX_NAME
@@ -27,7 +28,15 @@ from adapterops.io.safetensors_file import Shard, ShardWriter, TensorEntry, read
 from adapterops.merging.plan import Direction, MergePlan, Update
 from adapterops.ops.dora import dora_merge, dora_unmerge
 from adapterops.ops.kernels import Workspace, add_bias_updates, add_updates
-from adapterops.provenance import NORMS_NAME, RECORD_KEY, RECORD_NAME, norms_file, norms_prefix
+from adapterops.provenance import (
+    NORMS_NAME,
+    RECORD_KEY,
+    RECORD_NAME,
+    norms_file,
+    norms_prefix,
+    shard_sha256s,
+    with_shard_sha256s,
+)
 
 Progress = Callable[[int, str], None]  # (bytes done, tensor name)
 
@@ -90,6 +99,10 @@ def execute(
     norms_out: dict[str, torch.Tensor] = {}
     workspace = Workspace()
     written = 0
+    # the base's shard hashes go into the sidecar record; computed while the merge runs
+    hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-hash")
+    hashes = hashing.submit(shard_sha256s, plan.checkpoint)
+    hashing.shutdown(wait=False)
     with atomic_output_dir(target, force=force) as tmp:
         for path, _ in plan.other_files:
             destination = tmp / path.relative_to(plan.checkpoint.root)
@@ -106,9 +119,21 @@ def execute(
                 "total_size": plan.checkpoint.total_size,
             }
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / RECORD_NAME).write_text(json.dumps(plan.record, indent=2, sort_keys=True) + "\n")
+        record = with_shard_sha256s(plan.record, hashes.result())
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        _write_card(plan, record, tmp, target.name)
         _write_norms(plan, tmp, norms_out)
     return MergeResult(target, len(plan.updates), written, time.perf_counter() - start, str(dev))
+
+
+def _write_card(plan: MergePlan, record: Mapping[str, Any], tmp: Path, title: str) -> None:
+    """README.md: the base's card with its lineage section added or replaced, else a new card."""
+    readme = tmp / "README.md"
+    base = (record.get("history") or [{}])[0].get("base") or {}
+    if readme.is_file():
+        readme.write_text(with_lineage(readme.read_text(), lineage_section(record)))
+    else:
+        readme.write_text(render_card("checkpoint", title, record, base_model=base.get("repo_id")))
 
 
 def _write_norms(plan: MergePlan, tmp: Path, new: Mapping[str, torch.Tensor]) -> None:

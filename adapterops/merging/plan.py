@@ -130,6 +130,7 @@ def plan_merge(
     direction: Direction | str = Direction.MERGE,
     remerge: bool = False,
     ignore_record: bool = False,
+    command: str | None = None,
 ) -> MergePlan:
     """Map every adapter module onto exactly one checkpoint tensor and check shapes; no tensor data is read.
 
@@ -160,7 +161,7 @@ def plan_merge(
     for weight, adapter in zip(weights, inputs, strict=True):
         _plan_modules(checkpoint, adapter, weight, len(inputs), slots)
         _plan_full_tensors(checkpoint, adapter, direction, slots)
-    record = next_record(prior, checkpoint, inputs, weights, direction.value, remerge)
+    record = next_record(prior, checkpoint, inputs, weights, direction.value, remerge, command)
     norms: dict[str, torch.Tensor] = {}
     if direction is Direction.UNMERGE and any(s.dora is not None for s in slots.values()):
         norms = recorded_norms(checkpoint, inputs[0])

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from adapterops import verbs
-from adapterops.adapter import Adapter
+from adapterops.adapter import Adapter, Source
 from adapterops.errors import AdapterOpsError, InvalidInputError
 from adapterops.hub import push_to_hub
 from adapterops.io import load_adapter, save_adapter
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
+from adapterops.io.peft import SAFETENSORS_NAME, file_sha256
 from adapterops.merging import MergeResult
 from adapterops.merging import merge as merge_checkpoint
 from adapterops.merging import unmerge as unmerge_checkpoint
@@ -101,9 +102,14 @@ def run_recipe(
                     made.provenance or {}, recipe=recipe.text, recipe_step=step.name, summary=summary
                 ),
             )
-            values[step.name] = made
             if target is not None:
                 save_adapter(made, target, force=force, dtype=step.write.get("dtype"))
+                # later steps record the file they could reload, not an object in memory
+                sha = file_sha256(target / SAFETENSORS_NAME)
+                made = replace(made, source=Source(path=str(target), sha256=sha))
+            else:
+                made = replace(made, source=Source(path=f"{recipe.path.name}#{step.name}"))
+            values[step.name] = made
             pushed = (
                 push_to_hub(target, step.push, private=bool(step.write.get("private")))
                 if step.push and target is not None
