@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from adapterops.card import render_card
+from adapterops.card import lineage_section, render_card, with_lineage
 from adapterops.errors import HubError, InvalidInputError, NotFoundError
 from adapterops.io.peft import read_tensors
 from adapterops.io.peft_config import CONFIG_NAME
@@ -59,8 +59,17 @@ def inspect_output(path: str | Path) -> LocalOutput:
     )
 
 
-def model_card(output: LocalOutput, repo_id: str | None = None) -> str:
-    """The card a push uploads: ``card.render_card`` titled with the repo id."""
+def model_card(output: LocalOutput, repo_id: str | None = None, *, replace_card: bool = False) -> str:
+    """The card a push uploads.
+
+    A README.md already in the directory is kept: its adapterops lineage section is replaced (or
+    added, when the output has a record). Without one, or with ``replace_card``, a new card is
+    rendered (``card.render_card``), titled with the repo id.
+    """
+    readme = output.path / "README.md"
+    if readme.is_file() and not replace_card:
+        text = readme.read_text()
+        return with_lineage(text, lineage_section(output.provenance)) if output.provenance else text
     title = repo_id or output.path.name
     return render_card(output.kind.value, title, output.provenance, base_model=output.base_model)
 
@@ -132,18 +141,21 @@ def push_to_hub(
     token: str | None = None,
     progress: Any = None,
     uploader: ShardUploader | None = None,
+    replace_card: bool = False,
 ) -> str:
-    """Upload an adapter or checkpoint directory with a generated model card; returns the commit URL.
+    """Upload an adapter or checkpoint directory with its model card; returns the commit URL.
 
-    Large files are pre-uploaded one by one before the commit, so a retry after a failure only
-    sends what the Hub does not already have. Files an ``uploader`` already sent are not sent again.
+    The directory's README.md is kept with its lineage section brought up to date (a new card is
+    written where there is none, or with ``replace_card``). Large files are pre-uploaded one by one
+    before the commit, so a retry after a failure only sends what the Hub does not already have.
+    Files an ``uploader`` already sent are not sent again.
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants
 
     output = inspect_output(path)
     if constants.HF_HUB_OFFLINE:
         raise HubError(f"cannot push {repo_id}: HF_HUB_OFFLINE is set; unset it to upload")
-    card = model_card(output, repo_id).encode()
+    card = model_card(output, repo_id, replace_card=replace_card).encode()
     files = sorted(p for p in output.path.rglob("*") if p.is_file() and not _hidden(p, output.path))
     sent = {}
     if uploader is not None:

@@ -104,8 +104,23 @@ def test_hidden_files_stay_home(fake_hf_api: FakeHfApi, zoo: Zoo, tmp_path: Path
     (folder / ".notes").write_text("private")
     ao.push_to_hub(folder, "me/a", token="tok")
     assert set(fake_hf_api.files("me/a")) == ADAPTER
+    # PEFT's own README (no adapterops record) is kept as its author wrote it
+    assert fake_hf_api.files("me/a")["README.md"] == (folder / "README.md").read_bytes()
+    ao.push_to_hub(folder, "me/a", token="tok", replace_card=True)
     assert fake_hf_api.files("me/a")["README.md"].decode().count("# me/a\n") == 1
     assert set(fake_hf_api.tokens) == {"tok"}
+
+
+def test_a_push_keeps_the_authors_readme_and_updates_only_the_lineage(
+    fake_hf_api: FakeHfApi, zoo: Zoo, tmp_path: Path
+) -> None:
+    ao.save_adapter(ao.negate(zoo["llama_a"]), tmp_path / "anti")
+    readme = tmp_path / "anti" / "README.md"
+    readme.write_text("# Anti style\n\nWhat I wrote about it.\n\n" + readme.read_text().split("---\n", 2)[2])
+    ao.push_to_hub(tmp_path / "anti", "me/anti", token="tok")
+    pushed = fake_hf_api.files("me/anti")["README.md"].decode()
+    assert pushed.startswith("# Anti style\n\nWhat I wrote about it.\n")
+    assert pushed.count("## Lineage") == 1 and "- operation: `negate`" in pushed
 
 
 def test_a_resumed_push_sends_only_what_the_hub_lacks(

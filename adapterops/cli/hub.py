@@ -17,6 +17,11 @@ from adapterops.cli._options import display_options, pop_display
 @click.option("--revision", help="Branch to push to (created if missing); default main.")
 @click.option("--commit-message", help="Commit message; default names the kind of output.")
 @click.option("--token", help="Hub token; default HF_TOKEN or the login cache. Never printed.")
+@click.option(
+    "--replace-card",
+    is_flag=True,
+    help="Upload a new card instead of the directory's README.md (kept by default).",
+)
 @display_options
 def push(
     path: Path,
@@ -25,12 +30,14 @@ def push(
     revision: str | None,
     commit_message: str | None,
     token: str | None,
+    replace_card: bool,
     **kwargs: Any,
 ) -> None:
     """Upload an adapter or merged checkpoint to the Hub with a model card of its lineage.
 
     The card records the inputs (repo@revision or path, sha256), weights, method, rank, recipe,
-    adapterops version and the error figures the operation reported.
+    adapterops version and the error figures the operation reported. A README.md in the directory
+    is kept: only its lineage section is added or brought up to date.
 
     \b
     Examples:
@@ -50,6 +57,7 @@ def push(
             commit_message=commit_message,
             token=token,
             progress=advance,
+            replace_card=replace_card,
         )
     if out.as_json:
         out.json({"repo_id": repo_id, "revision": revision or "main", "commit_url": url})
