@@ -31,8 +31,12 @@ class Method(str, Enum):
 
 
 class Form(str, Enum):
-    """What an adapter verb writes: a LoRA, or a DoRA (which holds sums of DoRA inputs exactly)."""
+    """What an adapter verb writes: a LoRA, or a DoRA (which holds sums of DoRA inputs exactly).
 
+    ``auto``: a DoRA when an input is DoRA and the method is exact (the exact result), else a LoRA.
+    """
+
+    AUTO = "auto"
     LORA = "lora"
     DORA = "dora"
 
@@ -172,7 +176,10 @@ class RankTarget:
 
 
 _BASE_HELP = "Base checkpoint (dir or Hub id): needed for DoRA inputs and --form dora."
-_FORM_HELP = "Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly."
+_FORM_HELP = (
+    "Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly; lora "
+    "approximates DoRA inputs (and warns); auto: dora when an input is DoRA and the method is exact."
+)
 _EXACT_LIMIT_HELP = "Modules with min(out, in) up to this get an exact SVD; larger ones a randomized one."
 
 
@@ -198,7 +205,7 @@ class CombineOptions(RankTarget):
         False, "Combine adapters whose configs name different base models.", type=bool
     )
     base: Any = option(None, _BASE_HELP)
-    form: Form = option(Form.LORA, _FORM_HELP, type=Form)
+    form: Form = option(Form.AUTO, _FORM_HELP, type=Form)
     exact_limit: int = option(1024, _EXACT_LIMIT_HELP, type=int, min=1)
 
     def __post_init__(self) -> None:
@@ -217,7 +224,7 @@ class CombineOptions(RankTarget):
 @dataclass(frozen=True)
 class NegateOptions:
     base: Any = option(None, _BASE_HELP)
-    form: Form = option(Form.LORA, _FORM_HELP, type=Form)
+    form: Form = option(Form.AUTO, _FORM_HELP, type=Form)
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -67,7 +67,7 @@ def combine(
     sv_ratio: float | None = None,
     allow_different_bases: bool = False,
     base: BaseRef | None = None,
-    form: Form | str = Form.LORA,
+    form: Form | str = Form.AUTO,
     exact_limit: int = 1024,
     progress: Progress | None = None,
 ) -> Adapter:
@@ -80,9 +80,11 @@ def combine(
         method: ``exact`` (the sum at its numerical rank), ``cat``, ``svd`` (best rank-k; needs
             ``rank``, ``energy`` or ``sv_ratio``) or ``linear`` (PEFT's approximation, warns).
         allow_different_bases: combine inputs whose configs name different base models (warns).
-        base: the base checkpoint, needed when an input is DoRA: effective updates are summed
-            densely per module and re-factored, the error reported.
-        form: ``dora`` (with ``base``) returns a DoRA adapter, which holds any such sum exactly.
+        base: the base checkpoint, needed when an input is DoRA.
+        form: ``dora`` (with ``base``) returns a DoRA adapter, which holds any weighted sum of DoRA
+            and LoRA updates exactly. ``lora`` sums DoRA inputs' effective updates densely per module
+            and re-factors them: an approximation, so it warns (``ApproximationWarning``) with the
+            error. ``auto`` (default): ``dora`` when an input is DoRA and ``method`` is exact.
         exact_limit: DoRA modules with min(out, in) up to this get an exact SVD, larger a randomized one.
         progress: called with each module name when it is done.
 
@@ -128,7 +130,7 @@ def negate(
     adapter: AdapterRef,
     *,
     base: BaseRef | None = None,
-    form: Form | str = Form.LORA,
+    form: Form | str = Form.AUTO,
     progress: Progress | None = None,
 ) -> Adapter:
     """dW -> -dW for every module: lora_B changes sign, nothing else (bit-exact).
@@ -146,7 +148,7 @@ def scale(
     by: float,
     *,
     base: BaseRef | None = None,
-    form: Form | str = Form.LORA,
+    form: Form | str = Form.AUTO,
     progress: Progress | None = None,
 ) -> Adapter:
     """dW -> by * dW for every module: the factor goes into the scale, factors unchanged (a negative
@@ -253,7 +255,10 @@ def _sum(
     check_bases(adapters, opts.allow_different_bases)
     dora_inputs = any(a.is_dora for a in adapters)
     policy = RankPolicy(**opts.target())
-    if not dora_inputs and opts.form is Form.LORA:
+    form = opts.form
+    if form is Form.AUTO:
+        form = Form.DORA if dora_inputs and opts.method is Method.EXACT else Form.LORA
+    if not dora_inputs and form is Form.LORA:
         modules, reports = map_modules(
             adapters, weights, lambda _, terms: combine_module(terms, opts.method, policy), progress
         )
@@ -272,14 +277,14 @@ def _sum(
             f"DoRA inputs are combined by SVD of their effective updates, not {opts.method.value}"
         )
     for adapter in adapters:
-        if adapter.is_dora or opts.form is Form.DORA:
-            _no_embeddings(adapter, "DoRA output" if opts.form is Form.DORA else "DoRA arithmetic")
+        if adapter.is_dora or form is Form.DORA:
+            _no_embeddings(adapter, "DoRA output" if form is Form.DORA else "DoRA arithmetic")
     base = as_base(opts.base)
     who = ", ".join(a.describe() for a in adapters)
 
     def one(_: str, terms: Terms) -> tuple[LoraModule, ModuleReport]:
         resolved = [(w, base.resolve(m)) for w, m in terms]
-        if opts.form is Form.DORA:
+        if form is Form.DORA:
             return sum_as_dora(base.weight(resolved[0][1], who), resolved)
         if not any(m.is_dora for _, m in terms):
             method = Method.EXACT if policy.is_exact else Method.SVD
@@ -289,9 +294,17 @@ def _sum(
     modules, reports = map_modules(adapters, weights, one, progress)
     if not all(math.isfinite(r.rel_error) for r in reports):
         raise InvalidInputError("the result has non-finite values; check the base weights and the magnitudes")
-    method = "dora-exact" if opts.form is Form.DORA else "dense-svd" if dora_inputs else "exact"
+    if form is Form.LORA and dora_inputs and opts.method is Method.EXACT:
+        worst = max(reports, key=lambda r: r.rel_error)
+        warnings.warn(
+            f"DoRA inputs written as a LoRA are an approximation: worst module relative error "
+            f"{worst.rel_error:.3g} ({worst.name}); the default, {param('form', 'auto')}, writes the exact DoRA",
+            ApproximationWarning,
+            stacklevel=4,
+        )
+    method = "dora-exact" if form is Form.DORA else "dense-svd" if dora_inputs else "exact"
     record = {"method": method, "base": checkpoint_record(base.checkpoint)}
-    if opts.form is Form.DORA:
+    if form is Form.DORA:
         record["form"] = Form.DORA.value
     return result_adapter(adapters, modules, reports), record
 

@@ -147,10 +147,14 @@ def test_combine_dora_and_lora_with_base_reports_its_error_truthfully(
         assert error == pytest.approx(
             float(S[3:].pow(2).sum().sqrt() / S.pow(2).sum().sqrt()), rel=1e-4, abs=1e-6
         )
-    # without a rank, DoRA modules keep the sum of the input ranks; LoRA-only modules stay exact
-    default = ao.negate(dora, base=bases["llama"])
-    assert {r.rank_out for r in default.report} == {4}
-    assert all(r.rel_error > 0 for r in default.report)  # DoRA's update is not rank 4
+    # as a LoRA without a rank, DoRA modules keep the sum of the input ranks, and it says it approximates
+    with pytest.warns(ao.ApproximationWarning, match="DoRA inputs written as a LoRA are an approximation"):
+        as_lora = ao.negate(dora, base=bases["llama"], form="lora")
+    assert {r.rank_out for r in as_lora.report} == {4}
+    assert all(r.rel_error > 0 for r in as_lora.report)  # DoRA's update is not rank 4
+    # by default the result is the exact DoRA
+    exact = ao.negate(dora, base=bases["llama"])
+    assert exact.is_dora and all(r.rel_error == 0 for r in exact.report)
 
 
 def test_combine_with_a_base_checks_the_base(doras, bases) -> None:

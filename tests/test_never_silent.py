@@ -163,3 +163,17 @@ steps:
     assert "<in memory>" not in text
     entry = json.loads(text)["merged"][0]
     assert entry["path"] == "r.yaml#mix" and len(entry["content_sha256"]) == 64
+
+
+def test_dora_into_a_lora_warns_with_its_error_and_the_default_is_exact(tmp_path: Path) -> None:
+    dora, lora = INPUTS / "style-dora", INPUTS / "style-a"
+    code, _, err = run("combine", dora, lora, "--base", BASE, "--form", "lora", "-o", tmp_path / "approx")
+    assert code == 0 and err.startswith("warning: DoRA inputs written as a LoRA are an approximation")
+    assert "the default, --form auto, writes the exact DoRA" in err
+    code, _, err = run("combine", dora, lora, "--base", BASE, "-o", tmp_path / "exact")
+    assert (code, err) == (0, "") and ao.load_adapter(tmp_path / "exact").is_dora
+
+
+def test_resize_of_a_dora_points_to_to_lora_not_to_a_missing_option(tmp_path: Path) -> None:
+    code, _, err = run("resize", INPUTS / "style-dora", "--rank", "2", "-o", tmp_path / "x")
+    assert code == 2 and "use to_lora (adapterops to-lora)" in err and "--base" not in err.split("to-lora")[0]
