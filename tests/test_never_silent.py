@@ -177,3 +177,24 @@ def test_dora_into_a_lora_warns_with_its_error_and_the_default_is_exact(tmp_path
 def test_resize_of_a_dora_points_to_to_lora_not_to_a_missing_option(tmp_path: Path) -> None:
     code, _, err = run("resize", INPUTS / "style-dora", "--rank", "2", "-o", tmp_path / "x")
     assert code == 2 and "use to_lora (adapterops to-lora)" in err and "--base" not in err.split("to-lora")[0]
+
+
+def test_a_typo_is_no_such_directory_and_single_files_say_what_they_are(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters").mkdir()
+    for typo in ("./typo", "typo", "adapters/typo", str(tmp_path / "typo")):
+        code, _, err = run("info", typo)
+        assert (code, err) == (3, f"error: {typo}: no such adapter directory\n"), typo
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 4)}, tmp_path / "kohya.safetensors")
+    code, _, err = run("info", tmp_path / "kohya.safetensors")
+    assert (
+        code == 2
+        and "is a kohya LoRA file (lora_unet_* / lora_te* keys)" in err
+        and "not read this format" in err
+    )
+    save_file({"unet.down.lora_A.weight": torch.zeros(2, 4)}, tmp_path / "pytorch_lora_weights.safetensors")
+    code, _, err = run("info", tmp_path / "pytorch_lora_weights.safetensors")
+    assert code == 2 and "is a diffusers LoRA file" in err
+    peft_file = INPUTS / "style-a" / "adapter_model.safetensors"
+    code, _, err = run("info", peft_file)
+    assert code == 3 and "is a PEFT adapter's weights file; pass the adapter directory that holds it" in err

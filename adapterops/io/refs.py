@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterops.errors import HubError, NotFoundError
+from adapterops.io.sniff import unsupported_file_error
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
@@ -48,13 +49,19 @@ def resolve(
     local = Path(spec).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise NotFoundError(f"{local} is a file; pass the {what} directory that contains it")
+            raise unsupported_file_error(local, what)
         return Resolved(path=local)
     hub = parse_hub_id(str(spec))
-    if hub is None:
+    if hub is None or _looks_local(local):
         raise NotFoundError(f"{spec}: no such {what} directory")
     repo_id, revision = hub
     return _snapshot(repo_id, revision, allow_patterns, ignore_patterns, what, str(spec))
+
+
+def _looks_local(path: Path) -> bool:
+    """A path whose first component exists here, or that names a file type, is a local path with a
+    typo, not a Hub id: say "no such directory" rather than ask the Hub."""
+    return Path(path.parts[0]).exists() or path.suffix.lower() in (".safetensors", ".bin", ".gguf", ".json")
 
 
 # exceptions from these packages (the HTTP stacks huggingface_hub runs on) mean the network failed
