@@ -81,10 +81,24 @@ class OutputExistsError(AdapterOpsError, FileExistsError):
     exit_code = 4
 
 
+class OutputBusyError(OutputExistsError):
+    """Another process is writing the same output path right now (also an OutputExistsError)."""
+
+
 class HubError(AdapterOpsError, ConnectionError):
     """The Hub could not be reached, or refused the request (a ConnectionError)."""
 
     exit_code = 5
+
+
+class OutputWriteError(AdapterOpsError, OSError):
+    """The output could not be written: disk full or over quota, a file too large for the filesystem,
+    a read-only filesystem, no permission (an OSError whose ``errno`` is the cause's).
+
+    Nothing is left half written. Not invalid input: the same command succeeds elsewhere.
+    """
+
+    exit_code = 6
 
 
 class ApproximationWarning(UserWarning):

@@ -361,6 +361,6 @@ def test_not_enough_disk_space_is_refused_before_writing(zoo: Zoo, bases, tmp_pa
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1000))
-    with pytest.raises(ao.InvalidInputError, match=r"GiB free but the output needs .* free space or choose"):
+    with pytest.raises(ao.OutputWriteError, match=r"GiB free but the output needs .* free space or choose"):
         ao.merge(bases["llama_bf16"], [zoo["llama_a"]], out=tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []

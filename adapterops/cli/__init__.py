@@ -14,8 +14,14 @@ import torch.
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Sequence
+import signal
+import threading
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import click
@@ -24,10 +30,25 @@ from adapterops._version import __version__
 from adapterops.cli import adapters, checkpoints, hub, recipe
 from adapterops.errors import AdapterOpsError, cli_spelling
 
+# errno values that mean "cannot write here", outside an output directory too: exit code 6 as well
+_CANNOT_WRITE = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like KeyboardInterrupt, so outputs not yet complete are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
 
 class Group(click.Group):
     """Turns adapterops errors into one line on stderr and the error's exit code; errors name
     options as command-line flags (``errors.param``).
+
+    Any other OSError is one line that names its path, too. SIGINT (Ctrl-C), SIGTERM and SIGHUP
+    unwind the command, so a half-written output is removed, print one line and exit 128 + the
+    signal's number (130, 143, 129).
 
     Set ADAPTEROPS_DEBUG=1 for the traceback instead.
     """
@@ -38,15 +59,27 @@ class Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            with cli_spelling():
+            with cli_spelling(), _stopped_by_signals():
                 return super().invoke(ctx)
         except AdapterOpsError as exc:
             if os.environ.get("ADAPTEROPS_DEBUG"):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, Stopped) as exc:
+            signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+            if os.environ.get("ADAPTEROPS_DEBUG"):
+                traceback.print_exc()
+            name = signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
+            click.echo(f"error: stopped by {name}; outputs not yet complete were removed", err=True)
+            ctx.exit(128 + signum)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except OSError as exc:
+            if exc.errno == errno.EPIPE or os.environ.get("ADAPTEROPS_DEBUG"):
+                raise  # a closed pipe (| head) is click's to handle: it exits quietly
+            click.echo(f"error: {_describe_os_error(exc)}", err=True)
+            ctx.exit(6 if exc.errno in _CANNOT_WRITE else 3 if isinstance(exc, FileNotFoundError) else 1)
         except Exception as exc:  # a bug, or input nothing checked: still one line, traceback on request
             if os.environ.get("ADAPTEROPS_DEBUG"):
                 raise
@@ -56,6 +89,41 @@ class Group(click.Group):
                 err=True,
             )
             ctx.exit(1)
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """``<path>: <what> (ENOSPC)``, with both paths of a rename: one line, whatever raised it."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        what += f" ({errno.errorcode[exc.errno]})"
+    paths = [os.fsdecode(p) for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(paths)
+    return f"{where}: {what}" if where else what
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP raise Stopped (once: a second one during the clean-up
+    is ignored). Signals already ignored (nohup) stay ignored; off the main thread, nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signum, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for signum, handler in before.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -70,7 +138,9 @@ def cli() -> None:
 
     \b
     Exit codes: 0 ok, 1 failed check (verify) or other error, 2 invalid input or usage,
-    3 not found, 4 output exists (use --force), 5 Hub unreachable or refused.
+    3 not found, 4 output exists (use --force) or is being written by another process,
+    5 Hub unreachable or refused, 6 output could not be written (disk full, read-only, no
+    permission), 130 and 143 stopped by Ctrl-C or SIGTERM (nothing half written is left).
     Set ADAPTEROPS_DEBUG=1 to see tracebacks.
     """
 

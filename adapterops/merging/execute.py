@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterops.card import lineage_section, render_card, with_lineage
-from adapterops.errors import InvalidInputError, UnsupportedAdapterError
+from adapterops.errors import InvalidInputError, OutputWriteError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir, check_output_path
 from adapterops.io.checkpoint import INDEX_NAME
 from adapterops.io.safetensors_file import Shard, ShardWriter, TensorEntry, read_tensor
@@ -91,7 +91,7 @@ def execute(
     need = plan.output_bytes
     free = shutil.disk_usage(target.parent).free
     if free < need * 1.02:
-        raise InvalidInputError(
+        raise OutputWriteError(
             f"{target.parent}: {free / 2**30:.2f} GiB free but the output needs {need / 2**30:.2f} GiB; free space "
             "or choose another output path"
         )
