@@ -198,3 +198,33 @@ def test_a_typo_is_no_such_directory_and_single_files_say_what_they_are(tmp_path
     peft_file = INPUTS / "style-a" / "adapter_model.safetensors"
     code, _, err = run("info", peft_file)
     assert code == 3 and "is a PEFT adapter's weights file; pass the adapter directory that holds it" in err
+
+
+def test_a_recipe_filter_that_matches_no_module_is_an_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+inputs: {{a: {INPUTS / "style-a"}, b: {INPUTS / "style-b"}}}
+steps:
+  - name: mix
+    combine:
+      inputs: [a, b]
+      weights: [{{default: 1, filters: [{{match: "mpl", value: 0}}]}}, 1]
+    output: mix
+""")
+    with pytest.raises(
+        ao.RecipeError, match=r"r\.yaml:4: step 'mix': filter 'mpl' matches no module of its inputs"
+    ):
+        ao.run_recipe(recipe)
+    assert not (tmp_path / "mix").exists()
+
+
+def test_errors_are_json_too_under_json(tmp_path: Path) -> None:
+    code, out, err = run("negate", tmp_path / "missing", "-o", tmp_path / "x", "--json")
+    assert code == 3 and err == f"error: {tmp_path / 'missing'}: no such adapter directory\n"
+    assert json.loads(out) == {
+        "error": {
+            "exit_code": 3,
+            "message": f"{tmp_path / 'missing'}: no such adapter directory",
+            "type": "NotFoundError",
+        }
+    }

@@ -134,7 +134,7 @@ def test_dry_run_plans_without_writing(tmp_path: Path) -> None:
         cli, ["run", str(recipe), "--dry-run", "--json", "--output-dir", str(tmp_path)]
     )
     assert result.exit_code == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["plan"]
     steps = {r["step"]: r for r in rows}
     assert steps["mix"]["verb"] == "combine" and steps["mix"]["output"] == str(tmp_path / "out" / "mix")
     a, b = ao.load_adapter(INPUTS / "style-a"), ao.load_adapter(INPUTS / "style-b")

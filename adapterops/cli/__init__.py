@@ -15,6 +15,7 @@ import torch.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import threading
@@ -64,31 +65,38 @@ class Group(click.Group):
         except AdapterOpsError as exc:
             if os.environ.get("ADAPTEROPS_DEBUG"):
                 raise
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            _fail(ctx, str(exc), exc.exit_code, type(exc).__name__)
         except (KeyboardInterrupt, Stopped) as exc:
             signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
             if os.environ.get("ADAPTEROPS_DEBUG"):
                 traceback.print_exc()
             name = signal.Signals(signum).name + (" (Ctrl-C)" if signum == signal.SIGINT else "")
-            click.echo(f"error: stopped by {name}; outputs not yet complete were removed", err=True)
-            ctx.exit(128 + signum)
+            _fail(ctx, f"stopped by {name}; outputs not yet complete were removed", 128 + signum, "Stopped")
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except OSError as exc:
             if exc.errno == errno.EPIPE or os.environ.get("ADAPTEROPS_DEBUG"):
                 raise  # a closed pipe (| head) is click's to handle: it exits quietly
-            click.echo(f"error: {_describe_os_error(exc)}", err=True)
-            ctx.exit(6 if exc.errno in _CANNOT_WRITE else 3 if isinstance(exc, FileNotFoundError) else 1)
+            code = 6 if exc.errno in _CANNOT_WRITE else 3 if isinstance(exc, FileNotFoundError) else 1
+            _fail(ctx, _describe_os_error(exc), code, type(exc).__name__)
         except Exception as exc:  # a bug, or input nothing checked: still one line, traceback on request
             if os.environ.get("ADAPTEROPS_DEBUG"):
                 raise
-            click.echo(
-                f"error: unexpected {type(exc).__name__}: {exc} (set ADAPTEROPS_DEBUG=1 for the traceback, and "
-                "please report it)",
-                err=True,
+            message = (
+                f"unexpected {type(exc).__name__}: {exc} (set ADAPTEROPS_DEBUG=1 for the traceback, and "
+                "please report it)"
             )
-            ctx.exit(1)
+            _fail(ctx, message, 1, type(exc).__name__)
+
+
+def _fail(ctx: click.Context, message: str, code: int, kind: str) -> None:
+    """One ``error:`` line on stderr; with --json also ``{"error": {...}}`` on stdout, for scripts."""
+    click.echo(f"error: {message}", err=True)
+    if "--json" in ctx.meta.get("argv", []):
+        click.echo(
+            json.dumps({"error": {"type": kind, "message": message, "exit_code": code}}, sort_keys=True)
+        )
+    ctx.exit(code)
 
 
 def _describe_os_error(exc: OSError) -> str:

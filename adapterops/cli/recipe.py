@@ -38,7 +38,7 @@ def run(recipe: Path, dry_run: bool, output_dir: Path | None, force: bool, **kwa
     if dry_run:
         rows = plan_recipe(parsed, output_dir)
         if out.as_json:
-            out.json(rows)
+            out.json({"recipe": str(recipe), "plan": rows})
         else:
             render_plan_rows(rows, out)
         return
@@ -49,7 +49,7 @@ def run(recipe: Path, dry_run: bool, output_dir: Path | None, force: bool, **kwa
 
     results = out.run(work)
     if out.as_json:
-        out.json([r.__dict__ for r in results])
+        out.json({"recipe": str(recipe), "steps": [r.__dict__ for r in results]})
         return
     for result in results:
         where = f" -> {result.output}" if result.output else ""

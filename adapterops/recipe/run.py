@@ -6,6 +6,7 @@ memory, read from headers and factors, computing nothing.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from adapterops import verbs
 from adapterops.adapter import Adapter, Source
-from adapterops.errors import AdapterOpsError, InvalidInputError
+from adapterops.errors import AdapterOpsError, InvalidInputError, RecipeError
 from adapterops.hub import push_to_hub
 from adapterops.io import load_adapter, save_adapter
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
@@ -94,7 +95,7 @@ def run_recipe(
             values[step.name] = str(result.output)
             summary = f"{result.tensors_updated} tensors updated"
         else:
-            made = _run_adapter_step(step, adapter, checkpoint)
+            made = _run_adapter_step(recipe, step, adapter, checkpoint)
             summary = summary_line(summarize(made.report))
             made = replace(
                 made,
@@ -122,17 +123,30 @@ def run_recipe(
 
 
 def _run_adapter_step(
-    step: Step, adapter: Callable[[str], Adapter], checkpoint: Callable[[str], str]
+    recipe: Recipe, step: Step, adapter: Callable[[str], Adapter], checkpoint: Callable[[str], str]
 ) -> Adapter:
     args = dict(step.args)
     if "base" in args:
         args["base"] = checkpoint(args["base"])
     if step.verb == "combine":
         inputs = [adapter(r) for r in args.pop("inputs")]
-        layers = count_layers([n for a in inputs for n in a.modules])
-        weights = [weight_function(w, layers) for w in args.pop("weights", [1.0] * len(inputs))]
+        names = sorted({n for a in inputs for n in a.modules})
+        weights = [weight_function(w, count_layers(names)) for w in args.pop("weights", [1.0] * len(inputs))]
+        for weight in weights:
+            _check_filters_match(recipe, step, weight, names)
         return verbs.combine(inputs, weights, **args)
     return ADAPTER_VERBS[step.verb](adapter(args.pop("input")), **args)
+
+
+def _check_filters_match(recipe: Recipe, step: Step, weight: object, names: list[str]) -> None:
+    """A filter that matches no module is a typo that would silently weight nothing: an error."""
+    spec = getattr(weight, "spec", None)
+    for item in spec.get("filters", []) if isinstance(spec, dict) else []:
+        if not any(re.search(str(item["match"]), name) for name in names):
+            raise RecipeError(
+                f"{recipe.path}:{step.line}: step {step.name!r}: filter {item['match']!r} matches no module of "
+                f"its inputs (module names look like {names[0]!r}); fix the regular expression"
+            )
 
 
 def _run_checkpoint_step(
