@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: setup test lint example
+.PHONY: setup test test-lowest lint example
 
 setup:
 	PYTHON=$(PY) bash scripts/setup.sh
@@ -10,6 +10,10 @@ test: setup
 	$(PY) -m ruff check adapterops tests bench scripts
 	$(PY) -m ruff format --check adapterops tests bench scripts
 	$(PY) -m mypy
+
+# the sdist and wheel, built and checked, then the suite from the sdist at the lowest declared versions
+test-lowest:
+	PYTHON=$(PY) bash scripts/lowest_versions.sh
 
 example: setup
 	bash scripts/example.sh

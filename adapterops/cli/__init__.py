@@ -10,6 +10,7 @@ import torch.
     checkpoints.py  merge, unmerge, verify
     hub.py          push
     recipe.py       run
+    example.py      example
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import click
 
 from adapterops._version import __version__
-from adapterops.cli import adapters, checkpoints, hub, recipe
+from adapterops.cli import adapters, checkpoints, example, hub, recipe
 from adapterops.errors import AdapterOpsError, cli_spelling
 
 # errno values that mean "cannot write here", outside an output directory too: exit code 6 as well
@@ -166,6 +167,7 @@ for command in (
     checkpoints.verify,
     hub.push,
     recipe.run,
+    example.example,
 ):
     cli.add_command(command)
 
