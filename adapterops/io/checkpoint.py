@@ -7,11 +7,16 @@ and other files (tokenizer, generation config) that outputs copy as they are.
 ``Checkpoint.find_tensor`` maps an adapter's module name onto the one tensor it updates, and
 ``layout_for`` fixes the module's layout from the checkpoint's config (GPT-2 Conv1D).
 ``BaseWeights`` reads single base weights for the operations that need them (DoRA).
+
+Every file of a checkpoint is untrusted: the index and config.json are type-checked, shard names
+must be plain file names, and no file is read or copied through a link leading out of the
+checkpoint directory (``inside``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -130,7 +135,11 @@ class Checkpoint:
         )
 
     def other_files(self) -> Iterator[Path]:
-        """Files to copy into an output as they are: everything but the weights and their index."""
+        """Files to copy into an output as they are: everything but the weights and their index.
+
+        Each is a regular file inside the checkpoint directory: a link leading out of it, or a pipe,
+        socket or broken link, is an ``AdapterFormatError`` (an output must copy nothing else).
+        """
         skip = {shard.path.name for shard in self.shards} | {INDEX_NAME}
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root)
@@ -140,42 +149,160 @@ class Checkpoint:
                 continue
             if rel.name.startswith("adapterops_"):  # an earlier merge's record: the new one replaces it
                 continue
+            if not inside(self.root, path).is_file():
+                raise AdapterFormatError(
+                    f"{path}: not a regular file (a pipe, socket, device or broken link), so it cannot be "
+                    "copied into the output; remove it from the checkpoint directory"
+                )
             yield path
 
 
 def open_checkpoint(ref: str | Path) -> Checkpoint:
-    """A local checkpoint directory or a Hub id; reads headers and config, no tensor data."""
+    """A local checkpoint directory or a Hub id; reads headers and config, no tensor data.
+
+    Everything on disk is untrusted: the index, each shard header and config.json are checked
+    before use, and no file outside the checkpoint directory is read (``inside``). Errors are
+    ``AdapterFormatError`` (malformed) or ``NotFoundError`` (missing), each naming the file.
+    """
     resolved = resolve(ref, allow_patterns=["*"], what="checkpoint", ignore_patterns=list(FOREIGN_WEIGHTS))
     root = resolved.path
     index_path, single_path = root / INDEX_NAME, root / SINGLE_NAME
     index: dict[str, Any] | None = None
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map: dict[str, str] = dict(index["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise AdapterFormatError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        index, weight_map = _read_index(root, index_path)
         names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (root / n).is_file()]
+        paths = [_shard_path(root, n, index_path) for n in names]  # all checked before any is read
+        missing = [n for n, path in zip(names, paths, strict=True) if not path.is_file()]
         if missing:
             raise NotFoundError(
                 f"{root}: shard {missing[0]} listed in {INDEX_NAME} is missing; download it again"
             )
-        shards = tuple(read_header(root / n) for n in names)
-        on_disk = {e.name: s.path.name for s in shards for e in s.entries}
+        shards = tuple(read_header(path) for path in paths)
+        on_disk = {e.name: name for name, s in zip(names, shards, strict=True) for e in s.entries}
         if on_disk != weight_map:
             wrong = sorted(set(on_disk.items()) ^ set(weight_map.items()))[0][0]
-            raise AdapterFormatError(f"{index_path}: weight_map and the shards disagree about tensor {wrong}")
+            raise AdapterFormatError(
+                f"{index_path}: weight_map and the shards disagree about tensor {wrong[:200]!r}; download "
+                "the checkpoint again"
+            )
     elif single_path.is_file():
-        shards = (read_header(single_path),)
+        shards = (read_header(inside(root, single_path)),)
     else:
         raise NotFoundError(
             f"{root}: no {SINGLE_NAME} or {INDEX_NAME}; adapterops merges safetensors checkpoints "
             "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
         )
     config_path = root / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = _read_config(root, config_path) if config_path.is_file() else {}
     return Checkpoint(root, shards, index, config, resolved.repo_id, resolved.revision)
+
+
+# an index lists each tensor once (a few MB for the largest models); a config.json is kilobytes
+MAX_INDEX_BYTES, MAX_CONFIG_BYTES = 100_000_000, 10_000_000
+
+
+def read_json(root: Path, path: Path, what: str, limit: int) -> Any:
+    """``path`` (inside ``root``, at most ``limit`` bytes) parsed as JSON, or one ``AdapterFormatError``."""
+    size = inside(root, path).stat().st_size
+    if size > limit:
+        raise AdapterFormatError(
+            f"{path}: {size:,} bytes is too large for {what} (limit {limit:,}); it is not one: remove it"
+        )
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except RecursionError:  # json's C parser recurses once per nesting level
+        raise AdapterFormatError(f"{path}: {what} nests JSON too deeply; download or save it again") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        message = str(exc).splitlines()[0][:200]
+        raise AdapterFormatError(
+            f"{path}: {what} is not valid JSON ({message}); download or save it again"
+        ) from None
+
+
+def _read_index(root: Path, path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The index and its weight_map (tensor name -> shard file name), their types checked."""
+    index = read_json(root, path, "a safetensors index", MAX_INDEX_BYTES)
+    fix = "download or save the checkpoint again"
+    if not isinstance(index, dict):
+        raise AdapterFormatError(
+            f"{path}: expected a JSON object with a weight_map, found {_kind(index)}; {fix}"
+        )
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise AdapterFormatError(
+            f"{path}: weight_map must be a non-empty object mapping tensor names to shard files, found "
+            f"{_kind(weight_map)}; {fix}"
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise AdapterFormatError(
+                f"{path}: weight_map maps {name[:100]!r} to {_kind(shard)}, not a shard file name; {fix}"
+            )
+    if not isinstance(index.get("metadata", {}), dict):
+        raise AdapterFormatError(
+            f"{path}: metadata must be a JSON object, found {_kind(index['metadata'])}; {fix}"
+        )
+    return index, weight_map
+
+
+def _read_config(root: Path, path: Path) -> dict[str, Any]:
+    """config.json: an object whose fields adapterops reads (model_type, tie_word_embeddings) typed right."""
+    config = read_json(root, path, "a model config", MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise AdapterFormatError(
+            f"{path}: expected a JSON object, found {_kind(config)}; fix or remove config.json"
+        )
+    for key, types, spelled in (
+        ("model_type", (str,), "a string"),
+        ("tie_word_embeddings", (bool,), "true or false"),
+    ):
+        if key in config and not isinstance(config[key], types):
+            raise AdapterFormatError(
+                f"{path}: {key} must be {spelled}, found {_kind(config[key])}; fix config.json"
+            )
+    return config
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value is described in messages: ``a JSON array``, ``the number 3``."""
+    if isinstance(value, bool) or value is None:
+        return f"JSON {json.dumps(value)}"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"[:60]
+    names: dict[type, str] = {dict: "object", list: "array", str: "string"}
+    return f"a JSON {names.get(type(value), type(value).__name__)}"
+
+
+def _shard_path(root: Path, name: str, index_path: Path) -> Path:
+    """The file a weight_map entry names: a plain file name in ``root`` (as transformers writes them),
+    not a path, and not a link leading out (an index must not make adapterops read any other file)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or re.match("[A-Za-z]:", name):
+        raise AdapterFormatError(
+            f"{index_path}: weight_map names the shard {name[:200]!r}, which is not a file name in the "
+            "checkpoint directory (no paths, no '..'); fix the index"
+        )
+    return inside(root, root / name)
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` itself, after checking that it does not lead out of ``root`` through symbolic links.
+
+    A Hugging Face cache snapshot (``.../snapshots/<commit>``) links each file into the repo's
+    ``blobs`` folder beside it: those links are the cache's own layout and stay allowed.
+    """
+    try:
+        real, base = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise AdapterFormatError(f"{path}: cannot be resolved ({exc}); remove the broken link") from None
+    allowed = [base]
+    if base.parent.name == "snapshots" and (base.parent.parent / "blobs").is_dir():
+        allowed.append((base.parent.parent / "blobs").resolve())
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise AdapterFormatError(
+            f"{path}: links to {real}, outside the checkpoint directory {root}; adapterops reads nothing "
+            "outside its inputs: copy the file in (cp -L) or remove the link"
+        )
+    return path
 
 
 class BaseWeights:

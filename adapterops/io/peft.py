@@ -63,11 +63,16 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             with safe_open(str(st_path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
+        # safetensors checks the header (its errors are SafetensorError); torch then refuses shapes it
+        # cannot hold (TypeError, RuntimeError: a dimension past int64 in a zero-sized tensor)
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
+            detail = str(exc).split("\n", 1)[0][:300]  # torch appends a C++ stack trace
+            if not detail.isprintable():  # a tensor name's terminal escapes, shown, never sent
+                detail = repr(detail)
             raise AdapterFormatError(
-                f"{st_path}: not a readable safetensors file ({exc}); the download or save was "
-                "probably cut short: fetch or save it again"
-            ) from exc
+                f"{st_path}: not a readable safetensors file ({detail}); it is corrupt, or the download or "
+                "save was cut short: fetch or save it again"
+            ) from None
         return tensors, metadata, sha256
     if bin_path.is_file():
         data = bin_path.read_bytes()
@@ -135,10 +140,26 @@ def read_adapter(directory: Path, source: Source | None = None) -> Adapter:
         source = Source(path=str(directory))
     source = Source(path=source.path, repo_id=source.repo_id, revision=source.revision, sha256=sha256)
     kept = {k: v for k, v in config.items() if k in PASSTHROUGH_FIELDS}
-    provenance = json.loads(metadata[PROVENANCE_KEY]) if PROVENANCE_KEY in metadata else None
+    provenance = _provenance(where, metadata)
     return Adapter(
         modules=modules, full_tensors=full_tensors, config=kept, source=source, provenance=provenance
     )
+
+
+def _provenance(where: Path, metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The record adapterops wrote into the metadata, if any: a JSON object, or the file is refused."""
+    if PROVENANCE_KEY not in metadata:
+        return None
+    try:
+        record = json.loads(metadata[PROVENANCE_KEY])
+    except (ValueError, RecursionError):
+        record = None
+    if not isinstance(record, dict):
+        raise AdapterFormatError(
+            f"{where}: metadata {PROVENANCE_KEY!r} is not the JSON object adapterops writes; the file was "
+            f"modified: remove that metadata entry or save the adapter again"
+        )
+    return record
 
 
 def _build_module(
@@ -179,7 +200,7 @@ def _build_module(
         raise UnsupportedAdapterError(
             f"{where}: module {name}: lora_A has rank {A.shape[0]} but lora_B has {B.shape[1]} columns{hint}"
         )
-    r, alpha = module_rank_alpha(config, name)
+    r, alpha = module_rank_alpha(config, name, where.parent / CONFIG_NAME)
     if r != A.shape[0]:
         raise AdapterFormatError(
             f"{where}: module {name} has rank {A.shape[0]} in its tensors but r={r} from {CONFIG_NAME} "

@@ -3,7 +3,9 @@
 Untouched tensors are copied by the kernel; touched ones are read (prefetched by a thread),
 updated on the device by the kernels in ``ops`` (``apply_update``) and written. Peak memory is
 about one tensor's scratch plus the adapters. The output appears atomically (``io.atomic``) and
-carries its merge record (``provenance``).
+carries its merge record (``provenance``) in ``adapterops_merge.json`` and in every shard's
+``__metadata__``, except in a shard whose header the record would push over safetensors' 100,000,000
+byte limit: that shard is written without it, with a warning, rather than unloadable.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from adapterops.card import lineage_section, render_card, with_lineage
 from adapterops.errors import InvalidInputError, OutputWriteError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir, check_output_path
 from adapterops.io.checkpoint import INDEX_NAME
-from adapterops.io.safetensors_file import Shard, ShardWriter, TensorEntry, read_tensor
+from adapterops.io.safetensors_file import MAX_HEADER, Shard, ShardWriter, TensorEntry, read_tensor
 from adapterops.merging.plan import Direction, MergePlan, Update
 from adapterops.ops.dora import dora_merge, dora_unmerge
 from adapterops.ops.kernels import Workspace, add_bias_updates, add_updates
@@ -159,8 +162,19 @@ def _write_shard(
     workspace: Workspace,
     progress: Progress | None,
 ) -> int:
-    metadata = {**dict(shard.metadata), RECORD_KEY: record_json}
-    writer = ShardWriter(tmp / shard.path.name, shard.entries, metadata)
+    # the record goes into each shard's metadata only while the header stays loadable (safetensors
+    # refuses headers over MAX_HEADER bytes); the sidecar RECORD_NAME always carries it. An earlier
+    # merge's record is never kept in its place: it would describe the wrong weights.
+    metadata = {k: v for k, v in shard.metadata.items() if k != RECORD_KEY}
+    writer = ShardWriter(tmp / shard.path.name, shard.entries, metadata, optional={RECORD_KEY: record_json})
+    if writer.dropped:
+        warnings.warn(
+            f"{shard.path.name}: the merge record would push its safetensors header over {MAX_HEADER:,} "
+            f"bytes (safetensors' limit), so the record is written to {RECORD_NAME} only; keep that file with "
+            "the shards",
+            UserWarning,
+            stacklevel=2,
+        )
     pin = device.type == "cuda"
     try:
         with shard.path.open("rb") as source:
