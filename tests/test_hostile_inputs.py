@@ -413,7 +413,7 @@ def test_a_link_out_of_the_checkpoint_is_refused_and_nothing_outside_is_read(
     opened = spy_on_reads(monkeypatch)
     out = tmp_path / "out"
     result = cli_run("merge", base, make_adapter(tmp_path / "lora"), "-o", out)
-    where = f"error: {base / linked}: links to {target}, outside the checkpoint directory {base}; "
+    where = f"error: {base / linked}: links to {target}, outside the input directory {base}; "
     assert_refused(result, 2, where, "copy the file in (cp -L) or remove the link", output=out)
     assert all(path.parent == base for path in opened)
 
@@ -608,3 +608,16 @@ def test_a_corrupt_provenance_record_in_an_adapter_is_refused(tmp_path: Path) ->
     header["__metadata__"] = {"adapterops": "[1, 2]"}
     path.write_bytes(safetensors_bytes(header, raw[8 + length :]))
     assert_refused(cli_run("info", lora), 2, f"error: {path}: metadata 'adapterops' is not the JSON object")
+
+
+def test_an_adapter_file_that_links_out_of_its_directory_is_not_read(tmp_path: Path) -> None:
+    import shutil
+
+    from adapterops.cli import cli
+
+    adapter = shutil.copytree(Path(__file__).parent.parent / "recipes" / "inputs" / "style-a", tmp_path / "a")
+    secret = tmp_path / "elsewhere.safetensors"
+    (adapter / "adapter_model.safetensors").rename(secret)
+    (adapter / "adapter_model.safetensors").symlink_to(secret)
+    result = CliRunner().invoke(cli, ["info", str(adapter)])
+    assert result.exit_code == 2 and "outside the input directory" in result.stderr

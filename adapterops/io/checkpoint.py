@@ -32,7 +32,7 @@ from adapterops.errors import (
     NotFoundError,
     UnsupportedAdapterError,
 )
-from adapterops.io.refs import resolve
+from adapterops.io.refs import inside, resolve
 from adapterops.io.safetensors_file import Shard, TensorEntry, read_header, read_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -282,27 +282,6 @@ def _shard_path(root: Path, name: str, index_path: Path) -> Path:
             "checkpoint directory (no paths, no '..'); fix the index"
         )
     return inside(root, root / name)
-
-
-def inside(root: Path, path: Path) -> Path:
-    """``path`` itself, after checking that it does not lead out of ``root`` through symbolic links.
-
-    A Hugging Face cache snapshot (``.../snapshots/<commit>``) links each file into the repo's
-    ``blobs`` folder beside it: those links are the cache's own layout and stay allowed.
-    """
-    try:
-        real, base = path.resolve(), root.resolve()
-    except (OSError, RuntimeError) as exc:  # a link loop
-        raise AdapterFormatError(f"{path}: cannot be resolved ({exc}); remove the broken link") from None
-    allowed = [base]
-    if base.parent.name == "snapshots" and (base.parent.parent / "blobs").is_dir():
-        allowed.append((base.parent.parent / "blobs").resolve())
-    if not any(real.is_relative_to(a) for a in allowed):
-        raise AdapterFormatError(
-            f"{path}: links to {real}, outside the checkpoint directory {root}; adapterops reads nothing "
-            "outside its inputs: copy the file in (cp -L) or remove the link"
-        )
-    return path
 
 
 class BaseWeights:

@@ -34,6 +34,7 @@ from adapterops.io.peft_config import (
     output_config,
     read_config,
 )
+from adapterops.io.refs import inside
 from adapterops.io.safetensors_file import save_tensors
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -56,6 +57,9 @@ _PART_RE = re.compile(r"^(?P<module>.+)\.(?P<part>" + "|".join(re.escape(p) for 
 def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """The adapter's tensors, its safetensors metadata and the sha256 of the weights file."""
     st_path, bin_path = directory / SAFETENSORS_NAME, directory / BIN_NAME
+    for path in (st_path, bin_path):
+        if path.is_symlink() or path.exists():
+            inside(directory, path)  # a link that leads out of the adapter directory is not followed
     if st_path.is_file():
         # hash first (sequential read), then parse through mmap: the second pass hits the page cache
         sha256 = file_sha256(st_path)

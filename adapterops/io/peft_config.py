@@ -24,6 +24,7 @@ from typing import Any
 
 from adapterops.adapter import Adapter
 from adapterops.errors import AdapterFormatError, NotFoundError, UnsupportedAdapterError
+from adapterops.io.refs import inside
 
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 10_000_000  # PEFT writes a few kB; reading more would only spend memory
@@ -103,6 +104,7 @@ def read_config(directory: Path) -> dict[str, Any]:
             f"{directory}: no {CONFIG_NAME}; expected a PEFT adapter directory "
             "(the folder PeftModel.save_pretrained writes)"
         )
+    inside(directory, path)  # a link that leads out of the adapter directory is not followed
     if (size := path.stat().st_size) > MAX_CONFIG_BYTES:
         raise AdapterFormatError(
             f"{path}: {size:,} bytes, far more than any adapter config (limit {MAX_CONFIG_BYTES:,}); "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterops.errors import HubError, NotFoundError
+from adapterops.errors import AdapterFormatError, HubError, NotFoundError
 from adapterops.io.sniff import unsupported_file_error
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
@@ -56,6 +56,27 @@ def resolve(
         raise NotFoundError(f"{spec}: no such {what} directory")
     repo_id, revision = hub
     return _snapshot(repo_id, revision, allow_patterns, ignore_patterns, what, str(spec))
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` itself, after checking that it does not lead out of ``root`` through symbolic links.
+
+    A Hugging Face cache snapshot (``.../snapshots/<commit>``) links each file into the repo's
+    ``blobs`` folder beside it: those links are the cache's own layout and stay allowed.
+    """
+    try:
+        real, base = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        raise AdapterFormatError(f"{path}: cannot be resolved ({exc}); remove the broken link") from None
+    allowed = [base]
+    if base.parent.name == "snapshots" and (base.parent.parent / "blobs").is_dir():
+        allowed.append((base.parent.parent / "blobs").resolve())
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise AdapterFormatError(
+            f"{path}: links to {real}, outside the input directory {root}; adapterops reads nothing "
+            "outside its inputs: copy the file in (cp -L) or remove the link"
+        )
+    return path
 
 
 def _looks_local(path: Path) -> bool:
