@@ -613,8 +613,6 @@ def test_a_corrupt_provenance_record_in_an_adapter_is_refused(tmp_path: Path) ->
 def test_an_adapter_file_that_links_out_of_its_directory_is_not_read(tmp_path: Path) -> None:
     import shutil
 
-    from adapterops.cli import cli
-
     adapter = shutil.copytree(Path(__file__).parent.parent / "recipes" / "inputs" / "style-a", tmp_path / "a")
     secret = tmp_path / "elsewhere.safetensors"
     (adapter / "adapter_model.safetensors").rename(secret)
