@@ -68,11 +68,11 @@ def with_lineage(readme: str, section: str) -> str:
 def _what(checkpoint: bool, merged: bool) -> str:
     if merged:
         return (
-            "A checkpoint with LoRA adapters merged in. Load it with "
-            "`AutoModelForCausalLM.from_pretrained(path_or_repo_id)`."
+            "A checkpoint with LoRA adapters merged in. Load it as the base model loads, with the transformers "
+            "class its config.json names (`AutoModelForCausalLM.from_pretrained(path_or_repo_id)` for a causal LM)."
         )
     if checkpoint:
-        return "A checkpoint. Load it with `AutoModelForCausalLM.from_pretrained(path_or_repo_id)`."
+        return "A checkpoint. Load it with the transformers class its config.json names."
     return "A LoRA adapter. Load it with `PeftModel.from_pretrained(base_model, path_or_repo_id)`."
 
 

@@ -167,6 +167,20 @@ def test_pure_layers_stay_pure() -> None:
                 assert not used, f"{name} imports {sorted(used)}"
 
 
+def test_only_io_model_names_imports_transformers() -> None:
+    # an optional extra (adapterops[transformers]), imported lazily where names need mapping
+    known = set(modules())
+    importers = {
+        name
+        for name, path in modules().items()
+        if any(m.split(".")[0] == "transformers" for m in imports(path, known))
+    }
+    assert importers == {"adapterops.io.model_names"}
+    tree = ast.parse((PACKAGE / "io" / "model_names.py").read_text())
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    assert not any("transformers" in ast.unparse(n) for n in top), "import transformers inside the function"
+
+
 # ------------------------------------------------------------------------- one description per verb
 
 FUNCTIONS = {
@@ -229,7 +243,8 @@ try:
     main([])
 except SystemExit:
     pass
-print(json.dumps(sorted(m for m in ("torch", "rich", "safetensors", "huggingface_hub") if m in sys.modules)),
+heavy = ("torch", "rich", "safetensors", "huggingface_hub", "transformers")
+print(json.dumps(sorted(m for m in heavy if m in sys.modules)),
       file=sys.stderr)
 """
 

@@ -4,7 +4,8 @@ A checkpoint is a directory with ``model.safetensors``, or shards listed in
 ``model.safetensors.index.json`` (``weight_map``: tensor name -> shard file), plus ``config.json``
 and other files (tokenizer, generation config) that outputs copy as they are.
 
-``Checkpoint.find_tensor`` maps an adapter's module name onto the one tensor it updates, and
+``Checkpoint.find_tensor`` maps an adapter's module name onto the one tensor it updates (through
+transformers' load-time names where they differ from the stored ones, ``io.model_names``), and
 ``layout_for`` fixes the module's layout from the checkpoint's config (GPT-2 Conv1D).
 ``BaseWeights`` reads single base weights for the operations that need them (DoRA).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +33,7 @@ from adapterops.errors import (
     NotFoundError,
     UnsupportedAdapterError,
 )
+from adapterops.io.model_names import LoadNames, load_names
 from adapterops.io.refs import inside, resolve
 from adapterops.io.safetensors_file import Shard, TensorEntry, read_header, read_tensor
 
@@ -79,38 +81,82 @@ class Checkpoint:
     def describe(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.root)
 
+    @cached_property
+    def load_names(self) -> LoadNames:
+        """What transformers calls this checkpoint's tensors once loaded (``io.model_names``); built on
+        first use, which imports transformers."""
+        return load_names(self.config, self.tensors)
+
+    @property
+    def asked_transformers(self) -> str | None:
+        """Whose load-time names were read (``load_names.origin``), if any have been: None while every
+        name asked for was found as stored."""
+        names = self.__dict__.get("load_names")
+        return names.origin if isinstance(names, LoadNames) else None
+
     def find_tensor(self, module: str, suffix: str = ".weight") -> str:
-        """The one tensor an adapter module name refers to.
+        """The one stored tensor an adapter module name refers to.
 
-        Tried in order: ``<module><suffix>``; the module name with leading components dropped (adapter
-        trained on a wrapper, checkpoint of the inner model); checkpoint keys that end with
-        ``.<module><suffix>`` (checkpoint saved from a wrapper). Anything else is an error naming it.
+        Adapters name the modules of the loaded model, and transformers renames some checkpoints'
+        tensors at load time (``io.model_names``). Tried in order: the stored key ``<module><suffix>``;
+        the stored key that transformers loads under that name; then, among stored names and then
+        loaded names, the module name with leading components dropped (adapter trained on a wrapper,
+        checkpoint of the inner model) and names that end with ``.<module><suffix>`` (checkpoint saved
+        from a wrapper). Anything else is an error naming the module and the way to fix it.
 
-        Example: module ``base_model.model.model.layers.0.q_proj`` finds ``model.layers.0.q_proj.weight``.
+        Examples: module ``model.layers.0.q_proj`` finds ``model.layers.0.q_proj.weight``; in a LLaVA
+        checkpoint, module ``model.language_model.layers.0.self_attn.q_proj`` finds
+        ``language_model.model.layers.0.self_attn.q_proj.weight``.
         """
-        keys = self.tensors
         exact = f"{module}{suffix}"
-        if exact in keys:
+        if exact in self.tensors:
             return exact
-        parts = module.split(".")
-        for i in range(1, len(parts)):
-            candidate = ".".join(parts[i:]) + suffix
-            if candidate in keys:
-                return candidate
-        ends = [k for k in keys if k.endswith(f".{exact}")]
-        if len(ends) == 1:
-            return ends[0]
-        if len(ends) > 1:
+        names = self.load_names
+        if exact in names.renamed:
+            return names.renamed[exact]
+        if exact in names.clashes:
             raise IncompatibleAdaptersError(
-                f"module {module} matches several tensors in {self.describe()}: {sorted(ends)}"
+                f"module {module}: {names.origin} loads several tensors of {self.describe()} into {exact} "
+                f"({', '.join(names.clashes[exact])}); keep one of them in the checkpoint"
             )
-        if self.tied and parts[-1] == "lm_head":
+        if exact in names.converted:
+            built = names.converted[exact]
+            listed = ", ".join(built[:2]) + (f" and {len(built) - 2} more" if len(built) > 2 else "")
+            raise UnsupportedAdapterError(
+                f"module {module}: {names.origin} builds {exact} at load time from {len(built)} stored "
+                f"tensor(s) of {self.describe()} ({listed}) that it fuses or transforms, and adapterops "
+                "merges only into tensors as they are stored; merge this adapter with PEFT (merge_and_unload)"
+            )
+        # loose matches, first among stored names, then among loaded ones (stored -> loaded name)
+        sources = set(names.renamed.values())
+        stored_as = {**{key: key for key in self.tensors if key not in sources}, **names.renamed}
+        found = _near(module, suffix, self.tensors) or sorted(
+            {stored_as[k] for k in _near(module, suffix, stored_as)}
+        )
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise IncompatibleAdaptersError(
+                f"module {module} matches several tensors in {self.describe()}: {found}"
+            )
+        if self.tied and module.split(".")[-1] == "lm_head":
             raise UnsupportedAdapterError(
                 f"module {module}: {self.describe()} ties lm_head to the input embedding (tie_word_embeddings), "
                 "so there is no separate lm_head tensor to merge into; untie the weights first"
             )
+        missing = f"module {module}: no tensor {exact} in {self.describe()}"
+        if names.problem is not None:
+            raise IncompatibleAdaptersError(f"{missing}; {names.problem}")
+        missing += f", nor one that {names.origin} loads under that name"
+        if names.converted:
+            raise IncompatibleAdaptersError(
+                f"{missing}; it builds {len(names.converted)} tensors at load time from stored ones that it "
+                f"fuses or transforms (such as {next(iter(names.converted))}), and adapterops merges only into "
+                "tensors as stored. Unless the adapter targets one of those, it was trained on another model "
+                "(check base_model_name_or_path in its adapter_config.json)"
+            )
         raise IncompatibleAdaptersError(
-            f"module {module}: no tensor {exact} in {self.describe()}; the adapter was trained on another model "
+            f"{missing}; the adapter was trained on another model "
             "(check base_model_name_or_path in its adapter_config.json)"
         )
 
@@ -155,6 +201,17 @@ class Checkpoint:
                     "copied into the output; remove it from the checkpoint directory"
                 )
             yield path
+
+
+def _near(module: str, suffix: str, names: Collection[str]) -> list[str]:
+    """Names that ``module`` matches loosely: the module name without its leading components, or,
+    failing that, every name that ends with ``.<module><suffix>``."""
+    parts = module.split(".")
+    for i in range(1, len(parts)):
+        candidate = ".".join(parts[i:]) + suffix
+        if candidate in names:
+            return [candidate]
+    return [name for name in names if name.endswith(f".{module}{suffix}")]
 
 
 def open_checkpoint(ref: str | Path) -> Checkpoint:

@@ -91,6 +91,14 @@ class MergePlan:
             "output_bytes": self.checkpoint.file_size,
             "estimated_peak_memory_bytes": peak,
             "other_files": [str(p.relative_to(self.checkpoint.root)) for p, _ in self.other_files],
+            # modules whose tensor is stored under another name, and who said so (transformers' load-time
+            # names, when it was asked: io/model_names.py)
+            "renamed_modules": sum(
+                f"{module.name}.weight" != key
+                for key, update in self.updates.items()
+                for module in (*(m for _, m in update.terms), *([update.dora] if update.dora else []))
+            ),
+            "load_names": self.checkpoint.asked_transformers,
         }
 
     @property
