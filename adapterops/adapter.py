@@ -16,6 +16,21 @@ way round the module says so with ``transposed=True``:
 ``scale`` already includes everything PEFT multiplies by: lora_alpha / r (or / sqrt(r) with
 rsLoRA), with rank_pattern and alpha_pattern resolved for this module.
 
+LoRA on an ``nn.Parameter`` (PEFT ``target_parameters``, its ``ParamWrapper``; mixture-of-experts
+weights such as ``mlp.experts.gate_up_proj`` of shape (E, out, in)) is one ``ModuleKind.PARAMETER``
+module *per expert*, named ``<module>.<parameter>.<e>``, with the same convention, so every
+operation on factors works expert by expert unchanged. PEFT stores the E experts of one
+parameter as one pair, lora_A (r*E, in) and lora_B (out, r*E), interleaved differently:
+
+    A_e = lora_A[e*r : (e+1)*r, :]      (expert-major rows)
+    B_e = lora_B[:, e::E]               (rank-major columns: column k*E + e is B_e[:, k])
+    dW_e = scale * B_e @ A_e            (out, in), one r and one scale for all experts
+
+(``split_experts`` / ``join_experts``). A 2-D parameter (E = 1, e.g. a router's ``gate.weight``)
+is one module named ``<module>.<parameter>`` with the plain layout. ``transposed`` says the
+stored expert slice is (in, out) (transformers' ``is_transposed`` experts, e.g. gpt-oss); it is
+fixed from the checkpoint when merging, like Conv1D.
+
 DoRA modules carry ``magnitude`` (PEFT's ``lora_magnitude_vector``, one entry per output row);
 their effective update also depends on the base weight, so factor arithmetic alone cannot be
 applied to them (see ``ops.dora``).
@@ -26,12 +41,14 @@ Nothing here reads or writes files: ``adapterops.io`` does (``load_adapter``, ``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 import torch
+
+from adapterops.errors import AdapterFormatError
 
 
 class ModuleKind(str, Enum):
@@ -40,6 +57,28 @@ class ModuleKind(str, Enum):
     LINEAR = "linear"
     EMBEDDING = "embedding"
     CONV = "conv"
+    PARAMETER = "parameter"  # PEFT target_parameters: one expert of a 3-D parameter, or a 2-D one
+
+
+@dataclass(frozen=True)
+class ParameterTarget:
+    """Where a ``ModuleKind.PARAMETER`` module's update goes: ``parameter`` of ``module`` (names as
+    in the base model) and, for a 3-D (E, ., .) parameter, which ``expert`` of ``num_experts``."""
+
+    module: str
+    parameter: str
+    expert: int | None = None
+    num_experts: int = 1
+
+    @property
+    def tensor(self) -> str:
+        """The parameter's name in the model, e.g. ``model.layers.0.mlp.experts.gate_up_proj``."""
+        return f"{self.module}.{self.parameter}"
+
+    @property
+    def module_name(self) -> str:
+        """The ``LoraModule`` name: ``tensor``, plus ``.<expert>`` for one expert of a 3-D parameter."""
+        return self.tensor if self.expert is None else f"{self.tensor}.{self.expert}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +98,7 @@ class LoraModule:
     kernel_size: tuple[int, ...] = ()
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
+    target: ParameterTarget | None = None  # set for ModuleKind.PARAMETER
 
     @property
     def rank(self) -> int:
@@ -187,3 +227,67 @@ class Adapter:
 
     def describe(self) -> str:
         return self.source.describe() if self.source else "<in memory>"
+
+
+def parameter_groups(modules: Iterable[LoraModule]) -> dict[str, list[LoraModule]]:
+    """The ``ModuleKind.PARAMETER`` modules by the parameter they update (``target.tensor``), experts
+    in order. Each 3-D parameter must have all of its experts: PEFT stores them as one pair."""
+    groups: dict[str, dict[int, LoraModule]] = {}
+    counts: dict[str, set[int]] = {}
+    for module in modules:
+        if module.target is None:
+            continue
+        t = module.target
+        groups.setdefault(t.tensor, {})[0 if t.expert is None else t.expert] = module
+        counts.setdefault(t.tensor, set()).add(t.num_experts if t.expert is not None else 1)
+    out = {}
+    for tensor, experts in groups.items():
+        (count,) = counts[tensor] if len(counts[tensor]) == 1 else (0,)
+        if sorted(experts) != list(range(count)):
+            raise AdapterFormatError(
+                f"parameter {tensor}: LoRA on experts {sorted(experts)} of {max(counts[tensor])}; PEFT stores all "
+                "experts of a parameter together, so every expert needs a module (a zero one will do)"
+            )
+        out[tensor] = [experts[e] for e in range(count)]
+    return out
+
+
+def split_experts(
+    A: torch.Tensor, B: torch.Tensor, num_experts: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT's lora_A (r*E, in) and lora_B (out, r*E) of an E-expert parameter as E pairs (A_e, B_e).
+
+    ``A_e = A[e*r:(e+1)*r]`` and ``B_e = B[:, e::E]``: exactly PEFT's ``ParamWrapper.get_delta_weight``
+    (``lora_A.reshape(E, r, in)``, ``lora_B.reshape(out, r, E)``). Copies, never views.
+    """
+    r = A.shape[0] // num_experts
+    return [
+        (A[e * r : (e + 1) * r].clone(), B[:, e::num_experts].contiguous().clone())
+        for e in range(num_experts)
+    ]
+
+
+def join_experts(experts: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The inverse of ``split_experts`` for the modules of experts 0..E-1: (lora_A, lora_B, scale).
+
+    PEFT gives all experts of a parameter one r and one scale. Experts of lower rank are padded
+    with zero rows of A and zero columns of B (exact); an expert whose scale differs from the most
+    common one has the ratio folded into its B, rounded once to B's dtype (that only happens when
+    per-module weights gave experts of one parameter different weights).
+    """
+    rank = max(m.rank for m in experts)
+    scales = [m.scale for m in experts]
+    scale = max(set(scales), key=scales.count)
+    As, Bs = [], []
+    for m in experts:
+        A, B = m.A, m.B
+        if m.scale != scale:
+            B = (B.double() * (m.scale / scale)).to(B.dtype)
+        if m.rank < rank:
+            A = torch.cat([A, A.new_zeros(rank - m.rank, A.shape[1])])
+            B = torch.cat([B, B.new_zeros(B.shape[0], rank - m.rank)], dim=1)
+        As.append(A)
+        Bs.append(B)
+    lora_A = torch.cat(As)
+    lora_B = torch.stack(Bs, dim=2).reshape(Bs[0].shape[0], rank * len(experts))
+    return lora_A, lora_B, scale

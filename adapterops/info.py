@@ -19,7 +19,9 @@ from adapterops.verbs import AdapterRef, BaseRef, as_adapter, as_base
 def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]:
     """A JSON-ready description of an adapter (a path, Hub id or ``Adapter``).
 
-    ||dW||_F comes from the factors (QR of B and A^T), never dense. With ``base``, each module also
+    ||dW||_F comes from the factors (QR of B and A^T), never dense. LoRA on expert weights
+    (target_parameters) is one module per expert, with ``parameter``, ``expert`` and ``experts``
+    saying which. With ``base``, each module also
     gets its base weight's norm, and DoRA modules the ratio of their magnitude to the base row norms
     and the norm of their effective update.
 
@@ -44,6 +46,7 @@ def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]
                 "norm_delta": abs(m.scale) * frobenius_norm_of_product(B, A),
                 "dora": m.is_dora,
                 "bias": m.bias is not None,
+                **_parameter_facts(m),
                 **(_against_base(weights, m, adapter) if weights is not None else {}),
             }
         )
@@ -60,6 +63,16 @@ def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]
         "provenance": adapter.provenance,
         "modules": modules,
     }
+
+
+def _parameter_facts(module: LoraModule) -> dict[str, Any]:
+    """For LoRA on a parameter (target_parameters): the parameter, and which expert of how many."""
+    if module.target is None:
+        return {}
+    facts: dict[str, Any] = {"parameter": module.target.tensor}
+    if module.target.expert is not None:
+        facts.update(expert=module.target.expert, experts=module.target.num_experts)
+    return facts
 
 
 def _against_base(weights: BaseWeights, module: LoraModule, adapter: Adapter) -> dict[str, Any]:

@@ -331,3 +331,8 @@ def _no_embeddings(adapter: Adapter, verb: str) -> None:
                 f"{adapter.describe()}: module {module.name} is an embedding; {verb} supports DoRA on linear, "
                 "Conv1D and conv layers (PEFT's embedding DoRA scales columns, not rows)"
             )
+        if module.kind is ModuleKind.PARAMETER:
+            raise UnsupportedAdapterError(
+                f"{adapter.describe()}: module {module.name} is LoRA on a parameter (target_parameters, "
+                f"expert weights); {verb} is not possible there, as PEFT has no DoRA for parameters"
+            )

@@ -109,7 +109,7 @@ def render_info(report: dict[str, Any], console: Any) -> None:
             extra = [f"{m['norm_base']:.4g}", f"{m['norm_delta_effective']:.4g}", ratio]
         table.add_row(
             m["name"] + (" (DoRA)" if m["dora"] else ""),
-            m["kind"],
+            f"expert {m['expert']}/{m['experts']}" if "expert" in m else m["kind"],
             "x".join(str(d) for d in m["weight_shape"]),
             str(m["r"]),
             f"{m['scale']:.4g}",
@@ -134,6 +134,9 @@ def render_info(report: dict[str, Any], console: Any) -> None:
         facts.append(f"sha256: {source['sha256']}")
     if report["dora"]:
         facts.append("DoRA: yes (lora_magnitude_vector present)")
+    parameters = sorted({m["parameter"] for m in report["modules"] if "parameter" in m})
+    if parameters:
+        facts.append(f"LoRA on parameters (target_parameters): {len(parameters)}, one row per expert")
     for key, shape in report["full_tensors"].items():
         facts.append(f"stored whole: {key} {'x'.join(map(str, shape))}")
     provenance = report["provenance"] or {}

@@ -7,6 +7,11 @@ and other files (tokenizer, generation config) that outputs copy as they are.
 ``Checkpoint.find_tensor`` maps an adapter's module name onto the one tensor it updates (through
 transformers' load-time names where they differ from the stored ones, ``io.model_names``), and
 ``layout_for`` fixes the module's layout from the checkpoint's config (GPT-2 Conv1D).
+``Checkpoint.placements`` says where each module's update lands, expert weights included:
+transformers 5 names mixture-of-experts weights as fused (E, out, in) parameters in memory
+(``mlp.experts.gate_up_proj``) while many checkpoints store one 2-D tensor per expert and
+projection (``block_sparse_moe.experts.3.w1.weight``); ``moe_layouts`` (derived from transformers'
+conversion mapping) says how, and which key renamings transformers applies on load.
 ``BaseWeights`` reads single base weights for the operations that need them (DoRA).
 
 Every file of a checkpoint is untrusted: the index and config.json are type-checked, shard names
@@ -34,6 +39,7 @@ from adapterops.errors import (
     UnsupportedAdapterError,
 )
 from adapterops.io.model_names import LoadNames, load_names
+from adapterops.io.moe_layouts import EXPERTS, RENAMINGS, TRANSPOSED
 from adapterops.io.refs import inside, resolve
 from adapterops.io.safetensors_file import Shard, TensorEntry, read_header, read_tensor
 
@@ -44,6 +50,17 @@ FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.g
 
 # model types whose linear layers are GPT-2 Conv1D (weight stored in x out), whatever the adapter says
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where (part of) a module's update lands: tensor ``key``, or its slice ``[expert]`` for a fused
+    (E, ., .) tensor. ``module`` is the part that lands there, in that tensor's layout (for a
+    projection stored per expert, the rows of B that belong to it)."""
+
+    key: str
+    module: LoraModule
+    expert: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,53 @@ class Checkpoint:
 
     def describe(self) -> str:
         return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.root)
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type") or "")
+
+    @cached_property
+    def loaded_names(self) -> Mapping[str, str]:
+        """Tensor names as transformers names them on load (its key renamings, e.g. Mixtral's
+        ``.block_sparse_moe.`` -> ``.mlp.``) -> the stored name; only names that change."""
+        renamings = [(re.compile(p), r) for p, r in RENAMINGS.get(self.model_type, ())]
+        names = {}
+        for key in self.tensors:
+            name = key
+            for pattern, replacement in renamings:  # as transformers' rename_source_key does
+                match = pattern.search(name)
+                if match:
+                    name = name.replace(match.group(0), replacement, 1)
+            if name != key and name not in self.tensors:
+                names[name] = key
+        return names
+
+    def lookup(self, module: str, suffix: str = ".weight") -> str | None:
+        """The stored tensor for a loaded-model name through the generated MoE renamings
+        (``moe_layouts.RENAMINGS``), or None: how expert placements find per-expert tensors, which
+        transformers fuses at load and ``find_tensor`` therefore refuses."""
+        keys = self.tensors
+        exact = f"{module}{suffix}"
+        if exact in keys:
+            return exact
+        renamed = self.loaded_names
+        if exact in renamed:
+            return renamed[exact]
+        parts = module.split(".")
+        for i in range(1, len(parts)):
+            candidate = ".".join(parts[i:]) + suffix
+            if candidate in keys:
+                return candidate
+            if candidate in renamed:
+                return renamed[candidate]
+        ends = [k for k in keys if k.endswith(f".{exact}")] or [
+            v for k, v in renamed.items() if k.endswith(f".{exact}")
+        ]
+        if len(ends) > 1:
+            raise IncompatibleAdaptersError(
+                f"module {module} matches several tensors in {self.describe()}: {sorted(ends)}"
+            )
+        return ends[0] if ends else None
 
     @cached_property
     def load_names(self) -> LoadNames:
@@ -159,6 +223,87 @@ class Checkpoint:
             f"{missing}; the adapter was trained on another model "
             "(check base_model_name_or_path in its adapter_config.json)"
         )
+
+    def placements(self, module: LoraModule, who: str) -> list[Placement]:
+        """Where ``module``'s update lands, shape-checked: one tensor, or for one expert of a fused
+        parameter either that expert's slice of the stored (E, ., .) tensor or the per-expert tensors
+        the checkpoint stores instead (rows of the update, in ``moe_layouts`` order)."""
+        target = module.target
+        if target is None:
+            module = self.layout_for(module)
+            key = self.find_tensor(module.name, ".weight")
+            self.check_shape(module, self.tensors[key][1], who)
+            return [Placement(key, module)]
+        fused = self.lookup(target.tensor, "")
+        if fused is not None:
+            return [self._fused_placement(module, fused, who)]
+        if target.expert is not None:
+            split = self._per_expert_placements(module, who)
+            if split:
+                return split
+        layout = f" (model_type {self.model_type!r} stores no per-expert layout adapterops knows)"
+        raise IncompatibleAdaptersError(
+            f"{who}: module {module.name}: no tensor {target.tensor}"
+            f"{'' if target.expert is None else ' or per-expert tensors'} in {self.describe()}"
+            f"{layout if target.expert is not None and self.model_type not in EXPERTS else ''}; the adapter was "
+            "trained on another model (check base_model_name_or_path in its adapter_config.json)"
+        )
+
+    def _fused_placement(self, module: LoraModule, key: str, who: str) -> Placement:
+        """Expert ``e`` of a parameter stored whole: the slice [e] of an (E, out, in) or (E, in, out)
+        tensor; the orientation from the shape, or where that is square from ``moe_layouts.TRANSPOSED``."""
+        target = module.target
+        assert target is not None
+        shape = self.tensors[key][1].shape
+        plain = (module.out_features, module.in_features)
+        if target.expert is None:
+            if shape in (plain, (1, *plain)):
+                return Placement(key, module, None if len(shape) == 2 else 0)
+            raise IncompatibleAdaptersError(
+                f"{who}: parameter {target.tensor} updates a {plain} weight but {key} in {self.describe()} is "
+                f"{shape}; the adapter was trained on another model"
+            )
+        fits = [t for t in (False, True) if shape == (target.num_experts, *(plain[::-1] if t else plain))]
+        if not fits:
+            raise IncompatibleAdaptersError(
+                f"{who}: parameter {target.tensor} has {target.num_experts} experts of {plain} (out, in) but "
+                f"{key} in {self.describe()} is {shape}; the adapter was trained on another model"
+            )
+        transposed = fits[0] if len(fits) == 1 else self.model_type in TRANSPOSED
+        return Placement(key, replace(module, transposed=transposed), target.expert)
+
+    def _per_expert_placements(self, module: LoraModule, who: str) -> list[Placement]:
+        """Expert ``e`` of a fused parameter stored as ``<experts>.<e>.<projection>.weight`` tensors
+        whose rows, stacked in ``moe_layouts.EXPERTS`` order, are the expert's (out, in) weight."""
+        target = module.target
+        assert target is not None and target.expert is not None
+        layout = EXPERTS.get(self.model_type, {})
+        fused = [p for p in layout if target.tensor == p or target.tensor.endswith(f".{p}")]
+        if len(fused) != 1:
+            return []
+        keys = [self.lookup(f"{target.module}.{target.expert}.{leaf}", "") for leaf in layout[fused[0]]]
+        if None in keys:
+            return []
+        placements, row = [], 0
+        for key in keys:
+            assert key is not None
+            shape = self.tensors[key][1].shape
+            rows = shape[0] if len(shape) == 2 else -1
+            if shape[1:] != (module.in_features,) or row + rows > module.out_features:
+                raise IncompatibleAdaptersError(
+                    f"{who}: module {module.name} updates a {module.weight_shape} weight, but {key} in "
+                    f"{self.describe()} is {shape}; the adapter was trained on another model"
+                )
+            part = replace(module, B=module.B[row : row + rows], bias=None)
+            placements.append(Placement(key, part))
+            row += rows
+        if row != module.out_features:
+            raise IncompatibleAdaptersError(
+                f"{who}: module {module.name} updates {module.out_features} rows, but "
+                f"{', '.join(k for k in keys if k)} in {self.describe()} hold {row}; the adapter was trained on "
+                "another model"
+            )
+        return placements
 
     def layout_for(self, module: LoraModule) -> LoraModule:
         """The module with its layout fixed by this checkpoint: GPT-2 style models store linear weights
@@ -352,11 +497,25 @@ class BaseWeights:
         return self.checkpoint.layout_for(module)
 
     def weight(self, module: LoraModule, who: str) -> torch.Tensor:
-        """W for ``module`` (already resolved) as a contiguous float64 (out, in) matrix, shape-checked."""
+        """W for ``module`` (already resolved) as a contiguous float64 (out, in) matrix, shape-checked.
+
+        One expert of a fused parameter is its slice of the stored tensor, or its per-expert
+        tensors stacked by rows (``Checkpoint.placements``).
+        """
+        if module.target is not None:
+            parts = []
+            for placement in self.checkpoint.placements(module, who):
+                W = self._read(placement.key)
+                W = W if placement.expert is None else W[placement.expert]
+                parts.append(W.T if placement.module.transposed else W)
+            return torch.cat(parts).contiguous()
         key = self.checkpoint.find_tensor(module.name)
-        shard, entry = self.checkpoint.tensors[key]
-        self.checkpoint.check_shape(module, entry, who)
-        with shard.path.open("rb") as handle:
-            W = read_tensor(handle, shard, entry).double()
+        self.checkpoint.check_shape(module, self.checkpoint.tensors[key][1], who)
+        W = self._read(key)
         W = W.T if module.transposed else W.reshape(W.shape[0], -1)
         return W.contiguous()
+
+    def _read(self, key: str) -> torch.Tensor:
+        shard, entry = self.checkpoint.tensors[key]
+        with shard.path.open("rb") as handle:
+            return read_tensor(handle, shard, entry).double()

@@ -6,6 +6,11 @@ A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or 
 ``lora_B.bias``, ``lora_embedding_A``, ``lora_embedding_B``, ``lora_magnitude_vector``; any other
 key is a tensor PEFT stores whole and puts into the base model on load (modules_to_save and the like).
 
+LoRA on parameters (``target_parameters``) is stored under the module holding the parameter:
+``<module>.lora_A.weight`` (r*E, in) and ``lora_B.weight`` (out, r*E) for E experts, and when two
+parameters of one module are targeted the inner wrapper's under ``<module>.base_layer.lora_A.weight``.
+Reading splits them into one module per expert (``adapter.split_experts``), writing joins them.
+
 What the config means (ranks, alphas, refused variants) is ``io.peft_config``'s business.
 """
 
@@ -22,16 +27,28 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
+from adapterops.adapter import (
+    Adapter,
+    LoraModule,
+    ModuleKind,
+    ParameterTarget,
+    Source,
+    join_experts,
+    parameter_groups,
+    split_experts,
+)
 from adapterops.card import render_card
 from adapterops.errors import AdapterFormatError, NotFoundError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir
 from adapterops.io.peft_config import (
+    BASE_LAYER,
     CONFIG_NAME,
     PASSTHROUGH_FIELDS,
+    WRAP_ORDER,
     lora_scale,
     module_rank_alpha,
     output_config,
+    parameter_targets,
     read_config,
 )
 from adapterops.io.refs import inside
@@ -126,8 +143,18 @@ def read_adapter(directory: Path, source: Source | None = None) -> Adapter:
     use_rslora = bool(config.get("use_rslora", False))
     use_dora = bool(config.get("use_dora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    shapes = {
+        name: (int(e["A"].shape[-1]), int(e["B"].shape[0]))
+        for name, e in parts.items()
+        if e.get("A") is not None and e.get("B") is not None and e["A"].dim() == 2
+    }
+    targets = parameter_targets(config, shapes, where)
     modules = {}
     for name, entry in sorted(parts.items()):
+        if name in targets:
+            for module in _parameter_modules(*targets[name], entry, config, use_rslora, where):
+                modules[module.name] = module
+            continue
         module = _build_module(name, entry, config, use_rslora, fan_in_fan_out, where)
         if use_dora != module.is_dora:
             raise AdapterFormatError(
@@ -236,10 +263,90 @@ def _build_module(
     )
 
 
+def _parameter_modules(
+    module: str,
+    parameter: str,
+    entry: Mapping[str, Any],
+    config: Mapping[str, Any],
+    use_rslora: bool,
+    where: Path,
+) -> list[LoraModule]:
+    """One module per expert of a ``target_parameters`` wrapper (one module for a 2-D parameter)."""
+    tensor = f"{module}.{parameter}"
+    A, B = entry.get("A"), entry.get("B")
+    if A is None or B is None:
+        missing = "lora_A" if A is None else "lora_B"
+        raise AdapterFormatError(
+            f"{where}: parameter {tensor} has no {missing} tensor; the file is incomplete"
+        )
+    if entry.get("magnitude") is not None or entry.get("bias") is not None:
+        raise UnsupportedAdapterError(
+            f"{where}: parameter {tensor} carries DoRA magnitudes or lora_B.bias, which PEFT's ParamWrapper "
+            "does not support; the adapter was not written by PEFT"
+        )
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise AdapterFormatError(
+            f"{where}: parameter {tensor}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} are not a LoRA pair"
+        )
+    r, alpha = module_rank_alpha(config, tensor)
+    experts, rest = divmod(int(A.shape[0]), r)
+    if rest or experts == 0:
+        raise AdapterFormatError(
+            f"{where}: parameter {tensor}: lora_A has {A.shape[0]} rows, not a multiple of r={r} from "
+            f"{CONFIG_NAME} (r / rank_pattern; PEFT stores r rows per expert); the config does not belong to "
+            "these weights"
+        )
+    for label, tensor_ in (("lora_A", A), ("lora_B", B)):
+        if not tensor_.is_floating_point():
+            raise AdapterFormatError(
+                f"{where}: parameter {tensor}: {label} is {tensor_.dtype}; expected floating point"
+            )
+        if not torch.isfinite(tensor_).all():
+            raise AdapterFormatError(f"{where}: parameter {tensor}: {label} contains NaN or Inf values")
+    scale = lora_scale(r, alpha, use_rslora)
+    if experts == 1:
+        target = ParameterTarget(module, parameter)
+        return [LoraModule(target.module_name, A, B, scale, ModuleKind.PARAMETER, target=target)]
+    out = []
+    for e, (A_e, B_e) in enumerate(split_experts(A, B, experts)):
+        target = ParameterTarget(module, parameter, e, experts)
+        out.append(LoraModule(target.module_name, A_e, B_e, scale, ModuleKind.PARAMETER, target=target))
+    return out
+
+
+def _parameter_state_dict(adapter: Adapter, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """PEFT's keys for the parameter targets: one (lora_A, lora_B) pair per parameter, nested wrappers
+    of one module under ``.base_layer`` (``peft_config.WRAP_ORDER``: the first innermost)."""
+    groups = parameter_groups(adapter.modules.values())
+    by_module: dict[str, list[str]] = {}
+    for experts in groups.values():
+        target = experts[0].target
+        assert target is not None
+        by_module.setdefault(target.module, []).append(target.parameter)
+    out: dict[str, torch.Tensor] = {}
+    for module, parameters in by_module.items():
+        if len(parameters) > 1 and not set(parameters) <= set(WRAP_ORDER):
+            raise UnsupportedAdapterError(
+                f"module {module}: LoRA on parameters {sorted(parameters)} of one module; PEFT nests their "
+                f"weights in the order the module registers them, which adapterops knows for "
+                f"{' and '.join(WRAP_ORDER)} only"
+            )
+        order = [p for p in WRAP_ORDER if p in parameters] if len(parameters) > 1 else parameters
+        for position, parameter in enumerate(order):
+            A, B, _ = join_experts(groups[f"{module}.{parameter}"])
+            prefix = module + BASE_LAYER * (len(order) - 1 - position)
+            cast = dtype or A.dtype
+            out[f"{PREFIX}{prefix}.lora_A.weight"] = A.to(cast).contiguous()
+            out[f"{PREFIX}{prefix}.lora_B.weight"] = B.to(cast).contiguous()
+    return out
+
+
 def adapter_state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of ``adapter`` under PEFT's key names, cast to ``dtype`` (factors only)."""
-    out: dict[str, torch.Tensor] = {}
+    out = _parameter_state_dict(adapter, dtype)
     for name, module in adapter.modules.items():
+        if module.target is not None:
+            continue
         A, B = module.A, module.B
         if module.kind is ModuleKind.CONV:
             in_channels = module.in_features // math.prod(module.kernel_size)

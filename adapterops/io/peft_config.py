@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterops.adapter import Adapter
+from adapterops.adapter import Adapter, join_experts, parameter_groups
 from adapterops.errors import AdapterFormatError, NotFoundError, UnsupportedAdapterError
 from adapterops.io.refs import inside
 
@@ -36,7 +36,6 @@ _UNSUPPORTED_FIELDS = {
     "use_qalora": "QA-LoRA pools inputs before A",
     "use_bdlora": "BD-LoRA uses block-diagonal factors",
     "alora_invocation_tokens": "activated LoRA applies its update only after invocation tokens",
-    "target_parameters": "LoRA on nn.Parameter targets (MoE experts) uses a different layout",
     "layer_replication": "layer replication changes the base model's layer list",
     "trainable_token_indices": "trainable tokens store sparse embedding rows, not LoRA factors",
     "arrow_config": "Arrow routing mixes adapters per token",
@@ -54,6 +53,14 @@ PASSTHROUGH_FIELDS = (
     "bias",
     "auto_mapping",
 )
+
+
+# The order in which a module's parameters are wrapped when several are targeted: the order the
+# module registers them (PEFT walks ``named_parameters``), the first innermost. transformers'
+# fused experts register gate_up_proj before down_proj; PEFT's own v4 -> v5 conversion assumes the
+# same ("the gate_up_proj is the inner PEFT ParamWrapper"). tests/test_experts.py checks it.
+WRAP_ORDER = ("gate_up_proj", "down_proj")
+BASE_LAYER = ".base_layer"
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
@@ -90,6 +97,82 @@ def module_rank_alpha(
         except AdapterFormatError as exc:
             raise AdapterFormatError(f"{where}: {field}: {exc}; fix {CONFIG_NAME}") from None
     return int(found[0]), float(found[1])
+
+
+def _targets_module(config: Mapping[str, Any], module: str) -> bool:
+    """PEFT's target_modules test for one module name (a list: exact or ``.name`` suffix; a string: regex)."""
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in targets or ())
+
+
+def _matches_parameter(module: str, entry: str) -> bool:
+    key = f"{module}.{entry.rpartition('.')[2]}"
+    return key == entry or key.endswith(f".{entry}")
+
+
+def parameter_targets(
+    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, int]], where: Path | str
+) -> dict[str, tuple[str, str]]:
+    """Which LoRA key prefixes are ``target_parameters`` wrappers: ``{prefix: (module, parameter)}``.
+
+    ``shapes`` maps each key prefix of the file (``model.layers.0.mlp.experts.base_layer``) to its
+    (lora_A columns, lora_B rows), i.e. (in, out). PEFT nests the wrappers of several parameters of
+    one module, the first wrapped innermost (most ``.base_layer``); ``WRAP_ORDER`` says which that
+    is. A module that target_modules names is a module target, as PEFT allows no parameter
+    wrapper on it. A bare entry (``down_proj``) could name a parameter of any module: where entries
+    that name the module (``gate.weight``) account for all its wrappers, they decide.
+    """
+    wanted = list(config.get("target_parameters") or ())
+    if not wanted:
+        return {}
+    depths: dict[str, dict[int, str]] = {}
+    for prefix in shapes:
+        module, depth = prefix, 0
+        while module.endswith(BASE_LAYER):
+            module, depth = module.removesuffix(BASE_LAYER), depth + 1
+        depths.setdefault(module, {})[depth] = prefix
+    found: dict[str, tuple[str, str]] = {}
+    for module, by_depth in depths.items():
+        # PEFT's match: <module>.<parameter> equals an entry or ends with "." + entry
+        matching = [t for t in wanted if _matches_parameter(module, t)]
+        candidates = list(dict.fromkeys(t.rpartition(".")[2] for t in matching))
+        specific = list(dict.fromkeys(t.rpartition(".")[2] for t in matching if "." in t))
+        if len(specific) == len(by_depth):  # entries that name the module ("gate.weight") beat bare names
+            candidates = specific
+        if not candidates or (set(by_depth) == {0} and _targets_module(config, module)):
+            if set(by_depth) != {0}:
+                raise AdapterFormatError(
+                    f"{where}: {by_depth[max(by_depth)]} holds nested LoRA weights but no target_parameters "
+                    f"entry names a parameter of {module}; the config does not belong to these weights"
+                )
+            continue
+        count = len(by_depth)
+        if sorted(by_depth) != list(range(count)):
+            raise AdapterFormatError(
+                f"{where}: the LoRA weights of {module} skip a nesting level (base_layer)"
+            )
+        if count == len(candidates) == 1:
+            found[by_depth[0]] = (module, candidates[0])
+            continue
+        order = [p for p in WRAP_ORDER if p in candidates]
+        if count != len(candidates) or len(order) != count:
+            raise UnsupportedAdapterError(
+                f"{where}: {module} has {count} LoRA-wrapped parameter(s) and target_parameters names {candidates} "
+                f"for it; adapterops cannot tell which weights belong to which parameter (it knows the nesting "
+                f"order of {' and '.join(WRAP_ORDER)} only)"
+            )
+        for position, parameter in enumerate(order):  # the first in WRAP_ORDER is the innermost
+            found[by_depth[count - 1 - position]] = (module, parameter)
+        if order == list(WRAP_ORDER):
+            inner, outer = shapes[by_depth[1]], shapes[by_depth[0]]
+            if inner[0] != outer[1]:  # gate_up_proj reads the hidden state that down_proj writes
+                raise AdapterFormatError(
+                    f"{where}: {module}: gate_up_proj takes inputs of size {inner[0]} but down_proj writes "
+                    f"{outer[1]}; the nesting of its LoRA weights is not PEFT's"
+                )
+    return found
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
@@ -219,11 +302,29 @@ def output_config(adapter: Adapter) -> dict[str, Any]:
     """An adapter_config.json that reproduces every module's scale exactly, without rsLoRA.
 
     Each module's lora_alpha is ``scale * r``; the most common r and alpha become the defaults and
-    the rest go into rank_pattern / alpha_pattern, keyed by full module name.
+    the rest go into rank_pattern / alpha_pattern, keyed by full module name. Parameter targets
+    (``ModuleKind.PARAMETER``) are listed in target_parameters and keyed by the parameter's name,
+    with the r and scale that ``join_experts`` gives all of its experts.
     """
-    modules = adapter.modules.values()
+    modules = [m for m in adapter.modules.values() if m.target is None]
+    groups = parameter_groups(adapter.modules.values())
     ranks = {m.name: m.rank for m in modules}
     alphas = {m.name: _number(m.scale * m.rank) for m in modules}
+    for tensor, experts in groups.items():
+        ranks[tensor] = max(m.rank for m in experts)
+        alphas[tensor] = _number(join_experts(experts)[2] * ranks[tensor])
+    holders = {m.target.module for experts in groups.values() for m in experts if m.target is not None}
+    clash = holders & {m.name for m in modules}
+    if clash:
+        raise AdapterFormatError(
+            f"module {sorted(clash)[0]} is targeted both as a layer and for a parameter (target_parameters); "
+            "PEFT cannot load such an adapter: save them as separate adapters"
+        )
+    if groups and (adapter.is_dora or any(m.bias is not None for m in modules)):
+        raise UnsupportedAdapterError(
+            "an adapter with target_parameters (LoRA on expert weights) cannot also use DoRA or lora_bias: "
+            "PEFT's ParamWrapper supports neither; save them as separate adapters"
+        )
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config: dict[str, Any] = {
@@ -234,7 +335,7 @@ def output_config(adapter: Adapter) -> dict[str, Any]:
         "lora_alpha": alpha,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "target_modules": sorted(ranks),
+        "target_modules": sorted(m.name for m in modules),
         "use_rslora": False,
         "use_dora": adapter.is_dora,
         "lora_bias": any(m.bias is not None for m in modules),
@@ -245,6 +346,8 @@ def output_config(adapter: Adapter) -> dict[str, Any]:
         "inference_mode": True,
         "modules_to_save": None,
     }
+    if groups:
+        config["target_parameters"] = sorted(groups)
     config.update({k: v for k, v in adapter.config.items() if k in PASSTHROUGH_FIELDS})
     for name in ranks:  # the patterns must resolve back to what we mean, the way PEFT reads them
         got_r, got_alpha = module_rank_alpha(config, name)

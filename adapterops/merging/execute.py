@@ -279,10 +279,16 @@ def apply_update(
     """
     if update.replacement is not None:
         W = update.replacement.to(W.dtype)
-        if not (update.terms or update.dora or update.bias_terms):
+        if not (update.terms or update.dora or update.bias_terms or update.experts):
             return W, None
     if update.bias_terms:
         return add_bias_updates(W, update.bias_terms, sign=sign), None
+    if update.experts:
+        # a fused (E, ., .) tensor: each expert's slice is a weight of its own, rounded on its own
+        out = W.clone()
+        for expert, terms in update.experts:
+            out[expert] = add_updates(W[expert], terms, sign=sign, device=device, workspace=workspace)
+        return out, None
     if update.dora is not None:
         if sign > 0:
             return dora_merge(W, update.dora, device=device)

@@ -31,17 +31,22 @@ class Direction(str, Enum):
     UNMERGE = "unmerge"
 
 
+Terms = tuple[tuple[float, LoraModule], ...]
+
+
 @dataclass(frozen=True)
 class Update:
     """What happens to one checkpoint tensor: ``terms`` and ``bias_terms`` are (weight, module) pairs,
-    ``dora`` a DoRA module (merged alone), ``replacement`` a whole tensor (modules_to_save)."""
+    ``experts`` such pairs per expert slice ``W[e]`` of a fused (E, ., .) tensor, ``dora`` a DoRA
+    module (merged alone), ``replacement`` a whole tensor (modules_to_save)."""
 
     key: str
-    terms: tuple[tuple[float, LoraModule], ...] = ()
-    bias_terms: tuple[tuple[float, LoraModule], ...] = ()
+    terms: Terms = ()
+    bias_terms: Terms = ()
     dora: LoraModule | None = None
     replacement: torch.Tensor | None = None
     source: str = ""
+    experts: tuple[tuple[int, Terms], ...] = ()
 
 
 @dataclass
@@ -53,10 +58,14 @@ class _Slot:
     dora: LoraModule | None = None
     replacement: torch.Tensor | None = None
     sources: list[str] = field(default_factory=list)
+    experts: dict[int, list[tuple[float, LoraModule]]] = field(default_factory=dict)
 
     def freeze(self, key: str) -> Update:
         source = ", ".join(dict.fromkeys(self.sources))
-        return Update(key, tuple(self.terms), tuple(self.bias_terms), self.dora, self.replacement, source)
+        experts = tuple((e, tuple(terms)) for e, terms in sorted(self.experts.items()))
+        return Update(
+            key, tuple(self.terms), tuple(self.bias_terms), self.dora, self.replacement, source, experts
+        )
 
 
 @dataclass(frozen=True)
@@ -187,29 +196,30 @@ def plan_merge(
 def _plan_modules(
     checkpoint: Checkpoint, adapter: Adapter, weight: float, count: int, slots: dict[str, _Slot]
 ) -> None:
-    for module in adapter.modules.values():
-        module = checkpoint.layout_for(module)
-        key = checkpoint.find_tensor(module.name, ".weight")
-        checkpoint.check_shape(module, checkpoint.tensors[key][1], adapter.describe())
-        slot = slots.setdefault(key, _Slot())
-        slot.sources.append(adapter.describe())
-        if module.is_dora:
-            if count > 1 or weight != 1.0 or slot.terms or slot.dora:
-                raise UnsupportedAdapterError(
-                    f"{adapter.describe()}: DoRA module {module.name} rescales whole rows of {key}, so it can "
-                    "only be merged alone and at weight 1; merge DoRA adapters one at a time"
-                )
-            slot.dora = module
-        else:
-            if slot.dora is not None:
-                raise UnsupportedAdapterError(
-                    f"{key}: a DoRA module and a LoRA module cannot be merged together"
-                )
-            slot.terms.append((weight, module))
-        if module.bias is not None:
-            bias_slot = slots.setdefault(checkpoint.find_tensor(module.name, ".bias"), _Slot())
-            bias_slot.bias_terms.append((weight, module))
-            bias_slot.sources.append(adapter.describe())
+    for original in adapter.modules.values():
+        for placement in checkpoint.placements(original, adapter.describe()):
+            key, module = placement.key, placement.module
+            slot = slots.setdefault(key, _Slot())
+            slot.sources.append(adapter.describe())
+            if placement.expert is not None:
+                slot.experts.setdefault(placement.expert, []).append((weight, module))
+            elif module.is_dora:
+                if count > 1 or weight != 1.0 or slot.terms or slot.dora:
+                    raise UnsupportedAdapterError(
+                        f"{adapter.describe()}: DoRA module {module.name} rescales whole rows of {key}, so it "
+                        "can only be merged alone and at weight 1; merge DoRA adapters one at a time"
+                    )
+                slot.dora = module
+            else:
+                if slot.dora is not None:
+                    raise UnsupportedAdapterError(
+                        f"{key}: a DoRA module and a LoRA module cannot be merged together"
+                    )
+                slot.terms.append((weight, module))
+            if module.bias is not None:
+                bias_slot = slots.setdefault(checkpoint.find_tensor(module.name, ".bias"), _Slot())
+                bias_slot.bias_terms.append((weight, module))
+                bias_slot.sources.append(adapter.describe())
 
 
 def _plan_full_tensors(

@@ -15,6 +15,7 @@ with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Method
   Not the weighted sum (it adds cross terms B_i A_j); offered for parity, its error is reported.
 
 DoRA modules are not handled here: their update depends on the base weight (``ops.dora``).
+Expert weights (``ModuleKind.PARAMETER``) need nothing special: each expert is a module of its own.
 """
 
 from __future__ import annotations
@@ -257,11 +258,12 @@ def check_same_module(name: str, modules: Sequence[LoraModule]) -> None:
     """All inputs' versions of module ``name`` update a weight of the same shape and kind."""
     first = modules[0]
     for other in modules[1:]:
-        if (other.out_features, other.in_features, other.kind, other.kernel_size) != (
+        if (other.out_features, other.in_features, other.kind, other.kernel_size, other.target) != (
             first.out_features,
             first.in_features,
             first.kind,
             first.kernel_size,
+            first.target,
         ):
             raise IncompatibleAdaptersError(
                 f"module {name}: shapes differ between inputs ({first.kind.value} {first.weight_shape} vs "
