@@ -208,6 +208,8 @@ class Checkpoint:
                 f"module {module}: {self.describe()} ties lm_head to the input embedding (tie_word_embeddings), "
                 "so there is no separate lm_head tensor to merge into; untie the weights first"
             )
+        if exact in names.tied:
+            raise UnsupportedAdapterError(self._tied_message(module, exact, names.tied[exact], names.origin))
         missing = f"module {module}: no tensor {exact} in {self.describe()}"
         if names.problem is not None:
             raise IncompatibleAdaptersError(f"{missing}; {names.problem}")
@@ -304,6 +306,33 @@ class Checkpoint:
                 "another model"
             )
         return placements
+
+    def check_untied(self, module: LoraModule, key: str) -> None:
+        """An embedding LoRA is merged only into a tensor no other module shares once loaded.
+
+        transformers ties some embeddings to other modules (T5's ``shared`` is also both stacks'
+        ``embed_tokens`` and ``lm_head``). PEFT applies a LoRA to the one module it wraps, while a merge
+        into the shared tensor would change every module tied to it: no merge is exact there. Only
+        embeddings are checked, since only they are stored under their own name while tied (a tied
+        ``lm_head`` has no tensor of its own: ``find_tensor`` refuses it), and only they need
+        transformers to be asked.
+        """
+        if module.kind is not ModuleKind.EMBEDDING:
+            return
+        names = self.load_names
+        loaded = next((new for new, old in names.renamed.items() if old == key), key)
+        if loaded in names.tied:
+            raise UnsupportedAdapterError(
+                self._tied_message(module.name, loaded, names.tied[loaded], names.origin)
+            )
+
+    def _tied_message(self, module: str, name: str, others: Collection[str], origin: str) -> str:
+        listed = ", ".join(others)
+        return (
+            f"module {module}: {origin} ties {name} of {self.describe()} to {listed} (tied weights), so a merge "
+            f"would change those too, while PEFT applies the LoRA to {module} alone; untie the weights first, "
+            f"or train the adapter without {module}"
+        )
 
     def layout_for(self, module: LoraModule) -> LoraModule:
         """The module with its layout fixed by this checkpoint: GPT-2 style models store linear weights

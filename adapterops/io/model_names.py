@@ -47,6 +47,7 @@ class LoadNames:
     renamed: Mapping[str, str] = field(default_factory=dict)
     converted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     clashes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    tied: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     problem: str | None = None
 
     @property
@@ -116,6 +117,7 @@ def load_names(config: Mapping[str, Any], keys: Iterable[str]) -> LoadNames:
             model = _meta_model(CONFIG_MAPPING[model_type], model_class, config)
             transforms = conversion_mapping.get_model_conversion_mapping(model)
             in_memory = model.state_dict()
+            ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
     except Exception as exc:  # a config transformers itself cannot build: say so, and what it said
         return LoadNames(
             origin,
@@ -140,7 +142,18 @@ def load_names(config: Mapping[str, Any], keys: Iterable[str]) -> LoadNames:
         renamed={new: old[0] for new, old in targets.items() if len(old) == 1},
         converted={new: tuple(old) for new, old in converted.items()},
         clashes={new: tuple(old) for new, old in targets.items() if len(old) > 1},
+        tied=_tie_groups(ties),
     )
+
+
+def _tie_groups(ties: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """``{name: the other names sharing its tensor}`` from transformers' ``{tied name: source name}``."""
+    groups: dict[str, set[str]] = {}
+    for target, source in ties.items():
+        group = groups.get(source, {source}) | groups.get(target, {target})
+        for name in group:
+            groups[name] = group
+    return {name: tuple(sorted(group - {name})) for name, group in groups.items()}
 
 
 @contextmanager

@@ -199,6 +199,7 @@ def _plan_modules(
     for original in adapter.modules.values():
         for placement in checkpoint.placements(original, adapter.describe()):
             key, module = placement.key, placement.module
+            checkpoint.check_untied(module, key)
             slot = slots.setdefault(key, _Slot())
             slot.sources.append(adapter.describe())
             if placement.expert is not None:
