@@ -51,6 +51,16 @@ class OutputDtype(str, Enum):
     FLOAT64 = "float64"
 
 
+class MergeDtype(str, Enum):
+    """How a merge writes a quantized checkpoint's weights: auto keeps the checkpoint's format
+    (FP8/int8 with recomputed scales, the error reported); a float dtype dequantizes them all."""
+
+    AUTO = "auto"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
 WEIGHTS = "weights"  # the ``type`` of a per-input weights option: numbers on the CLI, weight specs in recipes
 
 
@@ -269,6 +279,13 @@ class MergeOptions:
     weights: Any = option(None, _CHECKPOINT_WEIGHTS, type=WEIGHTS)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     remerge: bool = option(False, "Merge an adapter the checkpoint's merge record already lists.", type=bool)
+    dtype: MergeDtype = option(
+        MergeDtype.AUTO,
+        "Quantized checkpoints only. auto: write the merged weights in the checkpoint's format (FP8/int8 with "
+        "new scales; the rounding error is reported). bfloat16, float16, float32: dequantize every quantized "
+        "weight, add the update, round once, and drop the quantization (needed for bitsandbytes).",
+        type=MergeDtype,
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -11,6 +11,10 @@ A merged checkpoint's record (``adapterops_merge.json`` and every shard's metada
 
     {"merged": [adapter_entry, ...], "history": [{"operation", "base", "adapters", "adapterops_version"}]}
 
+A step may also say how the weights were written: ``dtype`` (a quantized base written
+dequantized), ``quantization`` (written quantized: its format and each requantized tensor's
+error, for ``verify``), and ``notes`` (an lm_head untied from the embedding).
+
 DoRA merges also keep the row norms unmerge needs, keyed ``<first 16 hex of the adapter's
 sha256>/<tensor name>``, in ``adapterops/dora_norms.safetensors``: a subfolder, because serving
 engines load every top-level ``*.safetensors`` of a directory without an index as weights.
@@ -233,8 +237,11 @@ def next_record(
     operation: str,
     remerge: bool,
     command: str | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The record after merging (or unmerging) ``adapters`` into a checkpoint whose record is ``prior``."""
+    """The record after merging (or unmerging) ``adapters`` into a checkpoint whose record is ``prior``.
+
+    ``fields`` go into this step as they are (``dtype``, ``notes`` on untying)."""
     merged = [dict(e) for e in prior.get("merged", [])]
     for adapter, weight in zip(adapters, weights, strict=True):
         sha = identity(adapter)
@@ -260,8 +267,27 @@ def next_record(
         "adapters": [adapter_entry(a, w) for a, w in zip(adapters, weights, strict=True)],
         "adapterops_version": __version__,
         **({"command": command} if command else {}),
+        **dict(fields or {}),
     }
     return {"merged": merged, "history": [*prior.get("history", []), step]}
+
+
+def with_quantization(
+    record: Mapping[str, Any], description: str, errors: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``record`` with its last history step naming the quantization its weights were written in, and
+    each requantized tensor's error (``ops.quantize.QuantizationError`` as a dict)."""
+    history = [dict(step) for step in record.get("history", [])]
+    if history:
+        history[-1]["quantization"] = {"format": description, "tensors": dict(sorted(errors.items()))}
+    return {**record, "history": history}
+
+
+def recorded_quantization(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-tensor quantization errors the last merge of ``record`` reported (empty if none)."""
+    history = record.get("history") or [{}]
+    tensors = (history[-1].get("quantization") or {}).get("tensors") or {}
+    return {k: dict(v) for k, v in tensors.items() if isinstance(v, dict)}
 
 
 def norms_prefix(adapter: Adapter) -> str:

@@ -39,7 +39,7 @@ TORCH_APIS = {
     *("float8_e4m3fn", "float8_e5m2"),  # 2.1
     *("empty", "zeros", "zeros_like", "ones", "ones_like", "tensor", "randn", "cat", "stack", "where"),
     *("addmm", "amax", "amin", "clamp", "cumsum", "equal", "isfinite", "isnan", "maximum", "nonzero"),
-    *("frexp", "ldexp", "nextafter"),
+    *("frexp", "ldexp", "nextafter", "round", "full_like", "arange", "mul"),
     *("linalg", "linalg.matrix_norm", "linalg.qr", "linalg.svd", "linalg.vector_norm"),
 }
 
@@ -58,11 +58,13 @@ def declared() -> dict[str, str]:
     return out
 
 
-def third_party_imports() -> dict[str, set[str]]:
-    """top-level module -> the files that import it, for every import that is neither stdlib nor ours."""
+def third_party_imports(top_level_only: bool = False) -> dict[str, set[str]]:
+    """top-level module -> the files that import it, for every import that is neither stdlib nor ours
+    (with ``top_level_only``: those imported when the file is imported, outside functions)."""
     found: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        for node in tree.body if top_level_only else ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -98,6 +100,18 @@ def test_every_import_is_a_declared_dependency_and_back() -> None:
         used |= names & set(deps)
     unused = set(deps) - used - set(USED_WITHOUT_IMPORT)
     assert not unused, f"declared but never imported: {sorted(unused)} (or say why in USED_WITHOUT_IMPORT)"
+
+
+def test_optional_extras_are_imported_lazily_and_installed_for_the_tests() -> None:
+    distributions = metadata.packages_distributions()
+    optional = set(extras())
+    for module in third_party_imports(top_level_only=True):
+        names = {canonical(d) for d in distributions.get(module, [module])}
+        assert not names & optional, f"{module} is optional: import it inside the function that needs it"
+    tested = {
+        canonical(re.split(r"[=<>!~ ]", r)[0]) for r in PYPROJECT["project"]["optional-dependencies"]["test"]
+    }
+    assert optional <= tested, "the test extra must install every optional extra, so the suite runs its code"
 
 
 def test_every_dependency_has_a_floor_that_make_test_lowest_installs() -> None:

@@ -156,12 +156,23 @@ def render_verify(payload: Mapping[str, Any], title: str, max_ulp: float, passed
     table = Table(title=title, title_justify="left")
     table.add_column("tensor")
     table.add_column("max error (ulp)", justify="right")
+    quantized = any("rel_error" in check for check in payload["per_tensor"])
+    if quantized:  # written back quantized: ulps of its grid, and the relative error against the reported one
+        table.add_column("relative error", justify="right")
+        table.add_column("reported", justify="right")
     for check in payload["per_tensor"]:
-        table.add_row(check["key"], f"{check['max_ulp']:.3f}")
+        row = [check["key"], f"{check['max_ulp']:.3f}"]
+        if quantized:
+            row += [
+                f"{check['rel_error']:.4g}" if "rel_error" in check else "",
+                f"{check['reported_rel_error']:.4g}" if "reported_rel_error" in check else "",
+            ]
+        table.add_row(*row)
     if not out.quiet:
         out.out.print(table)
-    for name in ("missing_in_merged", "extra_in_merged", "layout_changed", "changed_untouched", "non_finite"):
-        if payload[name]:
+    names = ("missing_in_merged", "extra_in_merged", "layout_changed", "changed_untouched", "non_finite")
+    for name in (*names, "config_problems", "over_reported"):
+        if payload.get(name):
             out.line(f"{name.replace('_', ' ')}: {', '.join(payload[name])}")
     out.line(
         f"{'ok' if passed else 'FAILED'}: {payload['tensors_updated']} tensors updated, worst "

@@ -81,6 +81,12 @@ def _stream(function_name: str, checkpoint: str, adapters: tuple[str, ...], kwar
         f"wrote {output}: {result.tensors_updated} tensors updated, {result.bytes_written / 2**20:.1f} MiB in "
         f"{result.seconds:.2f} s ({rate:.0f} MiB/s) on {result.device}"
     )
+    if out.verbose:
+        for key, error in result.quantization.items():
+            ratio = f", {error.update_ratio:.3g}x the update" if error.update_ratio is not None else ""
+            out.line(
+                f"  {key}: relative error {error.rel_error:.3g}, worst {error.max_step:.3f} steps of its grid{ratio}"
+            )
     if result.pushed:
         out.line(f"pushed {output} to {result.pushed}")
 
@@ -94,6 +100,9 @@ def merge(base: str, adapters: tuple[str, ...], **kwargs: Any) -> None:
 
     Streams tensor by tensor: memory stays about one tensor, whatever the model size. The output has
     the base's tensor names, dtypes and shards, its other files, and a record of what was merged.
+    FP8/int8 bases are written back in their format with new scales, the error reported (-v: per
+    tensor); --dtype bfloat16 writes them dequantized instead (bitsandbytes bases need it). A
+    merge that changes one side of a tied lm_head unties it, and says so.
 
     \b
     Examples:
@@ -101,6 +110,7 @@ def merge(base: str, adapters: tuple[str, ...], **kwargs: Any) -> None:
       adapterops merge ./base ./a ./b --weights 0.7 0.3 -o ./merged
       adapterops merge ./base ./dora-adapter -o ./merged --device cuda
       adapterops merge ./base ./my-lora -o ./merged --dry-run
+      adapterops merge ./qwen3-fp8 ./my-lora -o ./merged-bf16 --dtype bfloat16
     """
     _stream("merge", base, adapters, kwargs)
 
@@ -136,6 +146,9 @@ def verify(
 ) -> None:
     """Check a merged checkpoint: recompute every updated tensor in float64 and report its error
     in units in the last place (ulp) of its dtype, plus key coverage. Exits 1 on any problem.
+
+    Tensors written back quantized are measured in steps of their own grid (0.5: rounded to
+    nearest) and against the relative error their merge reported.
 
     \b
     Example:

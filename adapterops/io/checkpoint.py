@@ -12,7 +12,9 @@ transformers 5 names mixture-of-experts weights as fused (E, out, in) parameters
 (``mlp.experts.gate_up_proj``) while many checkpoints store one 2-D tensor per expert and
 projection (``block_sparse_moe.experts.3.w1.weight``); ``moe_layouts`` (derived from transformers'
 conversion mapping) says how, and which key renamings transformers applies on load.
-``BaseWeights`` reads single base weights for the operations that need them (DoRA).
+``Checkpoint.tied_head`` says which stored embedding an ``lm_head`` tied to it reads, and
+``Checkpoint.quantization`` which tensors are quantized (``io.quantization``).
+``BaseWeights`` reads single base weights, dequantized, for the operations that need them (DoRA).
 
 Every file of a checkpoint is untrusted: the index and config.json are type-checked, shard names
 must be plain file names, and no file is read or copied through a link leading out of the
@@ -40,6 +42,7 @@ from adapterops.errors import (
 )
 from adapterops.io.model_names import LoadNames, load_names
 from adapterops.io.moe_layouts import EXPERTS, RENAMINGS, TRANSPOSED
+from adapterops.io.quantization import Quantization, dequantize, detect
 from adapterops.io.refs import inside, resolve
 from adapterops.io.safetensors_file import Shard, TensorEntry, read_header, read_tensor
 
@@ -50,6 +53,20 @@ FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.g
 
 # model types whose linear layers are GPT-2 Conv1D (weight stored in x out), whatever the adapter says
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt"}
+# the output head of causal LMs, and the names of the word embedding a tied head reads
+HEAD_KEY = "lm_head.weight"
+WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+# architectures whose output head is the top-level ``lm_head`` module
+LM_HEAD_ARCHITECTURES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+@dataclass(frozen=True)
+class TiedHead:
+    """``lm_head`` tied to the input embedding: it reads the stored ``embedding``; untied, it is
+    written as ``head``."""
+
+    embedding: str
+    head: str = HEAD_KEY
 
 
 @dataclass(frozen=True)
@@ -84,8 +101,58 @@ class Checkpoint:
 
     @property
     def tied(self) -> bool:
-        """lm_head shares the input embedding's tensor (``tie_word_embeddings``)."""
-        return bool(self.config.get("tie_word_embeddings", False))
+        """An output layer shares the word embedding's tensor: ``tie_word_embeddings`` (top level, else
+        in ``text_config``) is true, or, where the config does not say, a word embedding is stored
+        and no lm_head (the head must then read the embedding)."""
+        flag = self.tie_flag
+        if flag is not None:
+            return flag
+        return HEAD_KEY not in self.tensors and bool(self.word_embeddings)
+
+    @property
+    def word_embeddings(self) -> list[str]:
+        """Stored tensors named like a word embedding (``WORD_EMBEDDINGS``)."""
+        return [
+            key
+            for key in self.tensors
+            if key.endswith(".weight") and key.removesuffix(".weight").rpartition(".")[2] in WORD_EMBEDDINGS
+        ]
+
+    @property
+    def tie_flag(self) -> bool | None:
+        """``tie_word_embeddings`` as config.json states it, None where it does not."""
+        for config in (self.config, self.config.get("text_config")):
+            if isinstance(config, Mapping) and config.get("tie_word_embeddings") is not None:
+                return bool(config["tie_word_embeddings"])
+        return None
+
+    @cached_property
+    def tied_head(self) -> TiedHead | None:
+        """The embedding a tied ``lm_head`` reads, or None: not tied, no single stored tensor named
+        like a word embedding, or an architecture whose head is not ``lm_head`` (config
+        ``architectures``: ...ForCausalLM, ...LMHeadModel, ...ForConditionalGeneration, or none given)."""
+        architectures = self.config.get("architectures") or []
+        lm_head = not architectures or any(str(a).endswith(LM_HEAD_ARCHITECTURES) for a in architectures)
+        found = self.word_embeddings
+        return TiedHead(found[0]) if self.tied and lm_head and len(found) == 1 else None
+
+    @cached_property
+    def quantization(self) -> Quantization | None:
+        """What is quantized here (``io.quantization.detect``); refuses formats it cannot decode exactly."""
+        return detect(self.config, self.tensors, self.read, self.describe())
+
+    def entry(self, key: str) -> TensorEntry:
+        """Stored tensor ``key``'s entry, with the shape of the values it stands for where it is
+        quantized (bitsandbytes packs 4-bit weights into a column)."""
+        entry = self.tensors[key][1]
+        quantized = self.quantization.tensors.get(key) if self.quantization is not None else None
+        return entry if quantized is None else replace(entry, shape=quantized.shape)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One stored tensor, as stored."""
+        shard, entry = self.tensors[key]
+        with shard.path.open("rb") as handle:
+            return read_tensor(handle, shard, entry)
 
     @property
     def total_size(self) -> int:
@@ -175,6 +242,8 @@ class Checkpoint:
         exact = f"{module}{suffix}"
         if exact in self.tensors:
             return exact
+        if self.tied_head is not None and module.split(".")[-1] == "lm_head" and suffix == ".weight":
+            return self.tied_head.embedding  # what the tied head reads; a merge writes it untied
         names = self.load_names
         if exact in names.renamed:
             return names.renamed[exact]
@@ -203,10 +272,11 @@ class Checkpoint:
             raise IncompatibleAdaptersError(
                 f"module {module} matches several tensors in {self.describe()}: {found}"
             )
-        if self.tied and module.split(".")[-1] == "lm_head":
+        if self.tied and module.split(".")[-1] == "lm_head" and suffix == ".weight":
             raise UnsupportedAdapterError(
                 f"module {module}: {self.describe()} ties lm_head to the input embedding (tie_word_embeddings), "
-                "so there is no separate lm_head tensor to merge into; untie the weights first"
+                f"but no single stored tensor is named like a word embedding ({', '.join(WORD_EMBEDDINGS)}); "
+                "save the base with its lm_head untied (tie_word_embeddings false, lm_head.weight stored)"
             )
         if exact in names.tied:
             raise UnsupportedAdapterError(self._tied_message(module, exact, names.tied[exact], names.origin))
@@ -234,7 +304,7 @@ class Checkpoint:
         if target is None:
             module = self.layout_for(module)
             key = self.find_tensor(module.name, ".weight")
-            self.check_shape(module, self.tensors[key][1], who)
+            self.check_shape(module, self.entry(key), who)
             return [Placement(key, module)]
         fused = self.lookup(target.tensor, "")
         if fused is not None:
@@ -256,7 +326,7 @@ class Checkpoint:
         tensor; the orientation from the shape, or where that is square from ``moe_layouts.TRANSPOSED``."""
         target = module.target
         assert target is not None
-        shape = self.tensors[key][1].shape
+        shape = self.entry(key).shape
         plain = (module.out_features, module.in_features)
         if target.expert is None:
             if shape in (plain, (1, *plain)):
@@ -289,7 +359,7 @@ class Checkpoint:
         placements, row = [], 0
         for key in keys:
             assert key is not None
-            shape = self.tensors[key][1].shape
+            shape = self.entry(key).shape
             rows = shape[0] if len(shape) == 2 else -1
             if shape[1:] != (module.in_features,) or row + rows > module.out_features:
                 raise IncompatibleAdaptersError(
@@ -307,21 +377,22 @@ class Checkpoint:
             )
         return placements
 
-    def check_untied(self, module: LoraModule, key: str) -> None:
-        """An embedding LoRA is merged only into a tensor no other module shares once loaded.
+    def check_untied(self, module: LoraModule, key: str, allowed: Collection[str] = ()) -> None:
+        """An embedding LoRA is merged only into a tensor no other module shares once loaded, but the
+        ``allowed`` ones (the tied ``lm_head`` a merge unties: ``merging.plan``).
 
         transformers ties some embeddings to other modules (T5's ``shared`` is also both stacks'
         ``embed_tokens`` and ``lm_head``). PEFT applies a LoRA to the one module it wraps, while a merge
         into the shared tensor would change every module tied to it: no merge is exact there. Only
         embeddings are checked, since only they are stored under their own name while tied (a tied
-        ``lm_head`` has no tensor of its own: ``find_tensor`` refuses it), and only they need
-        transformers to be asked.
+        ``lm_head`` has no tensor of its own: ``find_tensor`` gives the embedding it reads), and only
+        they need transformers to be asked.
         """
         if module.kind is not ModuleKind.EMBEDDING:
             return
         names = self.load_names
         loaded = next((new for new, old in names.renamed.items() if old == key), key)
-        if loaded in names.tied:
+        if set(names.tied.get(loaded, ())) - set(allowed):
             raise UnsupportedAdapterError(
                 self._tied_message(module.name, loaded, names.tied[loaded], names.origin)
             )
@@ -526,7 +597,8 @@ class BaseWeights:
         return self.checkpoint.layout_for(module)
 
     def weight(self, module: LoraModule, who: str) -> torch.Tensor:
-        """W for ``module`` (already resolved) as a contiguous float64 (out, in) matrix, shape-checked.
+        """W for ``module`` (already resolved) as a contiguous float64 (out, in) matrix, shape-checked;
+        quantized weights dequantized (``io.quantization.dequantize``).
 
         One expert of a fused parameter is its slice of the stored tensor, or its per-expert
         tensors stacked by rows (``Checkpoint.placements``).
@@ -539,12 +611,21 @@ class BaseWeights:
                 parts.append(W.T if placement.module.transposed else W)
             return torch.cat(parts).contiguous()
         key = self.checkpoint.find_tensor(module.name)
-        self.checkpoint.check_shape(module, self.checkpoint.tensors[key][1], who)
+        self.checkpoint.check_shape(module, self.checkpoint.entry(key), who)
         W = self._read(key)
         W = W.T if module.transposed else W.reshape(W.shape[0], -1)
         return W.contiguous()
 
     def _read(self, key: str) -> torch.Tensor:
-        shard, entry = self.checkpoint.tensors[key]
-        with shard.path.open("rb") as handle:
-            return read_tensor(handle, shard, entry).double()
+        """The values of stored tensor ``key``, float64: dequantized where it is quantized."""
+        checkpoint = self.checkpoint
+        quantized = checkpoint.quantization.tensors.get(key) if checkpoint.quantization else None
+        if quantized is not None:
+            return dequantize(quantized, checkpoint.read)
+        entry = checkpoint.tensors[key][1]
+        if not entry.torch_dtype.is_floating_point or entry.torch_dtype.itemsize == 1:
+            raise UnsupportedAdapterError(
+                f"{checkpoint.describe()}: {key} is stored as {entry.dtype} with no scale tensor beside it, so "
+                "its values are unknown; use a checkpoint with floating-point weights"
+            )
+        return checkpoint.read(key).double()

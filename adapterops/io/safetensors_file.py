@@ -323,11 +323,19 @@ class ShardWriter:
         if data.numel():
             self.handle.write(data.view(torch.uint8).numpy().data)
 
-    def copy(self, entry: TensorEntry, source: BinaryIO, shard: Shard) -> None:
-        """The input's bytes for ``entry`` as they are, copied by the kernel where it can."""
+    def copy(
+        self, entry: TensorEntry, source: BinaryIO, shard: Shard, source_entry: TensorEntry | None = None
+    ) -> None:
+        """The bytes of ``source_entry`` (default: ``entry``) of ``shard`` as they are, written as ``entry``;
+        copied by the kernel where it can."""
         self._check_position(entry)
         self.handle.flush()
-        remaining, offset = entry.nbytes, shard.data_start + entry.begin
+        source_entry = source_entry or entry
+        if source_entry.nbytes != entry.nbytes:
+            raise RuntimeError(
+                f"{self.path}: {entry.name} cannot be copied from {source_entry.name} (sizes differ)"
+            )
+        remaining, offset = entry.nbytes, shard.data_start + source_entry.begin
         while remaining > 0:  # every pass copies at least one byte or raises: no spinning at EOF
             try:
                 n = os.copy_file_range(source.fileno(), self.handle.fileno(), remaining, offset)

@@ -7,16 +7,20 @@ soon as it is written when ``push_to`` names a Hub repo.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from adapterops.adapter import Adapter
+from adapterops.errors import ApproximationWarning, param
 from adapterops.hub import ShardUploader, push_to_hub
 from adapterops.io.atomic import check_output_path
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.merging.execute import MergeResult, Progress, apply_update, execute
 from adapterops.merging.plan import Direction, MergePlan, Update, estimate_peak, load_inputs, plan_merge
-from adapterops.options import MergeOptions, UnmergeOptions
+from adapterops.options import MergeDtype, MergeOptions, UnmergeOptions
 
 __all__ = [
     "Direction",
@@ -49,6 +53,7 @@ def merge(
     private: bool = False,
     progress: Progress | None = None,
     command: str | None = None,
+    dtype: MergeDtype | str = MergeDtype.AUTO,
 ) -> MergeResult:
     """Write ``base`` with ``sum_i weights[i] * dW_i`` added (DoRA: PEFT's merge) to ``out``.
 
@@ -65,17 +70,26 @@ def merge(
         private: create the ``push_to`` repo private.
         progress: called with (bytes done, tensor name) as tensors are written.
         command: the command line that asked for this merge, kept in the merge record.
+        dtype: for a quantized base: ``auto`` writes the merged weights in its format (FP8/int8 with
+            new scales; each tensor's rounding error is in the result and the record, and a warning
+            says when it exceeds the update); ``bfloat16``, ``float16`` or ``float32`` write every
+            quantized weight dequantized, the update added, rounded once (required for bitsandbytes).
 
     Returns:
-        A ``MergeResult``: tensors updated, bytes written, time, device, and the commit URL if pushed.
+        A ``MergeResult``: tensors updated, bytes written, time, device, the commit URL if pushed,
+        the quantization error per requantized tensor, and notes (an lm_head untied).
+
+    A merge that would change only one side of an lm_head tied to the embedding unties them (the
+    adapted model computes them apart) and warns; see ``plan_merge``.
 
     Example:
         >>> merge("./base", ["./a", "./b"], [0.7, 0.3], out="./merged")
     """
-    opts = MergeOptions(weights=weights, device=device, remerge=remerge)
+    # the record checks and converts a str dtype
+    opts = MergeOptions(weights=weights, device=device, remerge=remerge, dtype=cast(MergeDtype, dtype))
     return _stream(
         Direction.MERGE, base, adapters, opts.weights, out, opts.device, opts.remerge, force, dry_run, push_to,
-        private, progress, command,
+        private, progress, command, opts.dtype,
     )  # fmt: skip
 
 
@@ -121,17 +135,22 @@ def _stream(
     private: bool,
     progress: Progress | None,
     command: str | None,
+    dtype: MergeDtype = MergeDtype.AUTO,
 ) -> MergeResult:
     target = Path(out).absolute()
     if not dry_run:
         check_output_path(target, force=force)  # before any download or planning
     checkpoint, loaded = load_inputs(base, adapters)
     flags = {"remerge": record_flag} if direction is Direction.MERGE else {"ignore_record": record_flag}
-    plan = plan_merge(checkpoint, loaded, weights, direction=direction, command=command, **flags)
+    plan = plan_merge(checkpoint, loaded, weights, direction=direction, command=command, dtype=dtype, **flags)
+    for note in plan.notes:
+        warnings.warn(note, UserWarning, stacklevel=3)
     if dry_run:
-        return MergeResult(target, len(plan.updates), 0, 0.0, device, dry_run=True, plan=plan.describe())
+        return MergeResult(
+            target, len(plan.updates), 0, 0.0, device, dry_run=True, plan=plan.describe(), notes=plan.notes
+        )
     if push_to is None:
-        return execute(plan, target, device=device, force=force, progress=progress)
+        return _warn_quantization(execute(plan, target, device=device, force=force, progress=progress), plan)
     uploader = ShardUploader(push_to, private=private)
     try:
         result = execute(
@@ -141,6 +160,23 @@ def _stream(
         uploader.close()
         raise
     url = push_to_hub(target, push_to, private=private, uploader=uploader)
-    return MergeResult(
-        result.output, result.tensors_updated, result.bytes_written, result.seconds, result.device, pushed=url
+    return _warn_quantization(replace(result, pushed=url), plan)
+
+
+def _warn_quantization(result: MergeResult, plan: MergePlan) -> MergeResult:
+    """Say what writing the merged weights back in a quantized format cost (``ApproximationWarning``)."""
+    if not result.quantization or plan.quantization is None:
+        return result
+    worst_key, worst = max(result.quantization.items(), key=lambda item: item[1].rel_error)
+    lost = [k for k, e in result.quantization.items() if e.update_ratio is not None and e.update_ratio > 1]
+    message = (
+        f"{len(result.quantization)} tensor(s) written back as {plan.quantization.describe()} with new scales: "
+        f"relative error up to {worst.rel_error:.3g} ({worst_key}) against the exact merged weights"
     )
+    if lost:
+        message += (
+            f"; in {len(lost)} of them the rounding error is larger than the update itself (e.g. {lost[0]}), so "
+            f"much of the update is lost: {param('dtype', 'bfloat16')} keeps it exactly"
+        )
+    warnings.warn(message, ApproximationWarning, stacklevel=3)
+    return result

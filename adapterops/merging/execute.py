@@ -6,6 +6,11 @@ about one tensor's scratch plus the adapters. The output appears atomically (``i
 carries its merge record (``provenance``) in ``adapterops_merge.json`` and in every shard's
 ``__metadata__``, except in a shard whose header the record would push over safetensors' 100,000,000
 byte limit: that shard is written without it, with a warning, rather than unloadable.
+
+Quantized weights are decoded to float64 (``io.quantization.dequantize``), updated there, and
+written either re-encoded in their format with new scales (``ops.quantize``, the error kept for
+the report and the record) or rounded once into the plan's ``dtype``. A weight and its scale are
+computed together; whichever the shard order reaches second waits in ``_Tensors.pending``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,14 @@ from adapterops.card import lineage_section, render_card, with_lineage
 from adapterops.errors import InvalidInputError, OutputWriteError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir, check_output_path
 from adapterops.io.checkpoint import INDEX_NAME
+from adapterops.io.quantization import dequantize
 from adapterops.io.safetensors_file import MAX_HEADER, Shard, ShardWriter, TensorEntry, read_tensor
+from adapterops.merging.layout import OutputShard, OutputTensor, output_layout
 from adapterops.merging.plan import Direction, MergePlan, Update
 from adapterops.ops.dora import dora_merge, dora_unmerge
 from adapterops.ops.kernels import Workspace, add_bias_updates, add_updates
+from adapterops.ops.quantize import QuantizationError, quantize
+from adapterops.ops.rounding import round_to
 from adapterops.provenance import (
     NORMS_NAME,
     RECORD_KEY,
@@ -38,6 +47,7 @@ from adapterops.provenance import (
     norms_file,
     norms_prefix,
     shard_sha256s,
+    with_quantization,
     with_shard_sha256s,
 )
 
@@ -56,9 +66,20 @@ class MergeResult:
     dry_run: bool = False
     plan: Mapping[str, Any] | None = None
     pushed: str | None = None  # the commit URL, when pushed
+    # tensors written back in a quantized format: key -> its error (``ops.quantize.QuantizationError``)
+    quantization: Mapping[str, QuantizationError] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the merge did beyond adding updates (untying an lm_head)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "output": str(self.output), "plan": dict(self.plan) if self.plan else None}
+        """JSON-ready; ``quantization`` and ``notes`` only where there are some."""
+        described = {
+            **self.__dict__,
+            "output": str(self.output),
+            "plan": dict(self.plan) if self.plan else None,
+        }
+        described["quantization"] = {k: e.as_dict() for k, e in self.quantization.items()}
+        described["notes"] = list(self.notes)
+        return {k: v for k, v in described.items() if v or k not in ("quantization", "notes")}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,34 +120,62 @@ def execute(
             "or choose another output path"
         )
     record_json = json.dumps(plan.record, sort_keys=True)
-    norms_out: dict[str, torch.Tensor] = {}
+    layout = plan.shards or output_layout(plan.checkpoint, set(plan.updates))
     workspace = Workspace()
     written = 0
     # the base's shard hashes go into the sidecar record; computed while the merge runs
     hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-hash")
     hashes = hashing.submit(shard_sha256s, plan.checkpoint)
     hashing.shutdown(wait=False)
-    with atomic_output_dir(target, force=force) as tmp:
-        for path, _ in plan.other_files:
-            destination = tmp / path.relative_to(plan.checkpoint.root)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, destination)
-        for shard in plan.checkpoint.shards:
-            written += _write_shard(plan, shard, tmp, dev, record_json, norms_out, workspace, progress)
-            if on_shard:
-                on_shard(tmp / shard.path.name)
-        if plan.checkpoint.index is not None:
-            index = dict(plan.checkpoint.index)
-            index["metadata"] = {
-                **dict(index.get("metadata") or {}),
-                "total_size": plan.checkpoint.total_size,
-            }
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        record = with_shard_sha256s(plan.record, hashes.result())
-        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        _write_card(plan, record, tmp, target.name)
-        _write_norms(plan, tmp, norms_out)
-    return MergeResult(target, len(plan.updates), written, time.perf_counter() - start, str(dev))
+    tensors = _Tensors(plan, dev, workspace)
+    try:
+        with atomic_output_dir(target, force=force) as tmp:
+            _copy_other_files(plan, tmp)
+            for shard, out in zip(plan.checkpoint.shards, layout, strict=True):
+                if not out.tensors:  # every tensor it held is dropped (a shard of scales, dequantized)
+                    if progress:
+                        progress(shard.data_size, shard.path.name)
+                    continue
+                written += _write_shard(plan, shard, out, tmp, dev, record_json, tensors, progress)
+                if on_shard:
+                    on_shard(tmp / out.name)
+            if plan.checkpoint.index is not None:
+                index = dict(plan.checkpoint.index)
+                index["metadata"] = {
+                    **dict(index.get("metadata") or {}),
+                    "total_size": sum(out.data_size for out in layout),
+                }
+                index["weight_map"] = {t.entry.name: out.name for out in layout for t in out.tensors}
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            record = with_shard_sha256s(plan.record, hashes.result())
+            if tensors.errors and plan.quantization is not None:
+                record = with_quantization(
+                    record, plan.quantization.describe(), {k: e.as_dict() for k, e in tensors.errors.items()}
+                )
+            (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            _write_card(plan, record, tmp, target.name)
+            _write_norms(plan, tmp, tensors.norms)
+    finally:
+        tensors.close()
+    return MergeResult(
+        target,
+        len(plan.updates),
+        written,
+        time.perf_counter() - start,
+        str(dev),
+        quantization=dict(sorted(tensors.errors.items())),
+        notes=plan.notes,
+    )
+
+
+def _copy_other_files(plan: MergePlan, tmp: Path) -> None:
+    """The base's other files, as they are; config.json as the plan has it where it changes."""
+    for path, _ in plan.other_files:
+        destination = tmp / path.relative_to(plan.checkpoint.root)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)
+    if plan.config is not None:
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
 
 
 def _write_card(plan: MergePlan, record: Mapping[str, Any], tmp: Path, title: str) -> None:
@@ -152,21 +201,95 @@ def _write_norms(plan: MergePlan, tmp: Path, new: Mapping[str, torch.Tensor]) ->
         save_file({k: v.contiguous() for k, v in kept.items()}, tmp / NORMS_NAME)
 
 
+class _Tensors:
+    """Where the values of computed output tensors come from: the base's shards (read on demand,
+    one handle per file), the update kernels, and the quantized formats. Keeps the DoRA norms and
+    the quantization errors of what it computed."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, workspace: Workspace) -> None:
+        self.plan, self.device, self.workspace = plan, device, workspace
+        self.handles: dict[Path, Any] = {}
+        self.pending: dict[str, torch.Tensor] = {}  # computed alongside another tensor, not yet written
+        self.norms: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, QuantizationError] = {}
+        # the new scale of a weight written back quantized is computed with that weight
+        self.scale_of = {
+            u.quantized.scale_key: key
+            for key, u in plan.updates.items()
+            if u.quantized is not None and plan.dtype is None
+        }
+
+    def handle(self, shard: Shard) -> Any:
+        if shard.path not in self.handles:
+            self.handles[shard.path] = shard.path.open("rb")
+        return self.handles[shard.path]
+
+    def read(self, key: str) -> torch.Tensor:
+        shard, entry = self.plan.checkpoint.tensors[key]
+        return read_tensor(self.handle(shard), shard, entry)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.close()
+
+    def value(self, name: str, prefetched: torch.Tensor | None) -> torch.Tensor:
+        """The output tensor ``name``; ``prefetched`` is its base tensor where the reader thread fetched it."""
+        if name in self.pending:
+            return self.pending.pop(name)
+        plan = self.plan
+        update = plan.updates.get(name)
+        if update is None and name in self.scale_of:
+            update = plan.updates[self.scale_of[name]]
+        if update is None:  # a quantized weight no adapter touches, written dequantized
+            quantization = plan.quantization
+            assert quantization is not None and plan.dtype is not None and name in plan.dequantized
+            return round_to(dequantize(quantization.tensors[name], self.read), plan.dtype)
+        if prefetched is not None:
+            return _update(plan, update, prefetched, self.device, self.norms, self.workspace)
+        outputs = self._compute(update)
+        value = outputs.pop(name)
+        self.pending.update(outputs)
+        return value
+
+    def _compute(self, update: Update) -> dict[str, torch.Tensor]:
+        """An update whose base is quantized, or another tensor (an untied head): its output tensors."""
+        plan, quantized = self.plan, update.quantized
+        if quantized is None:
+            W = self.read(update.base_key)
+            return {update.key: _update(plan, update, W, self.device, self.norms, self.workspace)}
+        W = dequantize(quantized, self.read)
+        X = _update(plan, update, W, self.device, self.norms, self.workspace) if update.changes else W
+        if plan.dtype is not None:
+            return {update.key: round_to(X, plan.dtype)}
+        scaling = quantized.scaling
+        if scaling is None:  # bitsandbytes: the plan refuses to write it back
+            raise UnsupportedAdapterError(f"{update.key}: cannot be written back in {quantized.format.value}")
+        if not bool(torch.isfinite(X).all()):
+            raise InvalidInputError(
+                f"{update.key}: the {plan.direction.value} holds NaN or Inf, which {quantized.describe()} cannot "
+                "store; check the adapters' scales and weights"
+            )
+        q, scales, error = quantize(X, quantized.dtype, scaling.block, scaling.scale_dtype, base=W)
+        self.errors[update.key] = error
+        return {update.key: q, quantized.scale_key: scales.reshape(scaling.scale_shape)}
+
+
 def _write_shard(
     plan: MergePlan,
     shard: Shard,
+    out: OutputShard,
     tmp: Path,
     device: torch.device,
     record_json: str,
-    norms_out: dict[str, torch.Tensor],
-    workspace: Workspace,
+    tensors: _Tensors,
     progress: Progress | None,
 ) -> int:
     # the record goes into each shard's metadata only while the header stays loadable (safetensors
     # refuses headers over MAX_HEADER bytes); the sidecar RECORD_NAME always carries it. An earlier
     # merge's record is never kept in its place: it would describe the wrong weights.
     metadata = {k: v for k, v in shard.metadata.items() if k != RECORD_KEY}
-    writer = ShardWriter(tmp / shard.path.name, shard.entries, metadata, optional={RECORD_KEY: record_json})
+    entries = tuple(t.entry for t in out.tensors)
+    writer = ShardWriter(tmp / out.name, entries, metadata, optional={RECORD_KEY: record_json})
     if writer.dropped:
         warnings.warn(
             f"{shard.path.name}: the merge record would push its safetensors header over {MAX_HEADER:,} "
@@ -175,21 +298,37 @@ def _write_shard(
             UserWarning,
             stacklevel=2,
         )
+    located = plan.checkpoint.tensors
     pin = device.type == "cuda"
+    # plain updates of this shard's own tensors are read ahead by a thread; the rest on demand
+    ahead = {
+        t.entry.name
+        for t in out.tensors
+        if t.copy_from is None
+        and (u := plan.updates.get(t.entry.name)) is not None
+        and u.quantized is None
+        and u.reads is None
+    }
+    done = 0
     try:
         with shard.path.open("rb") as source:
-            for entry, tensor in _prefetched(shard, source, plan.updates, pin):
-                update = plan.updates.get(entry.name)
-                if update is None:
-                    writer.copy(entry, source, shard)
+            for output, tensor in _prefetched(shard, source, out.tensors, ahead, pin):
+                name = output.entry.name
+                if output.copy_from is not None:
+                    from_shard, from_entry = located[output.copy_from]
+                    handle = source if from_shard is shard else tensors.handle(from_shard)
+                    writer.copy(output.entry, handle, from_shard, from_entry)
                 else:
-                    assert tensor is not None  # prefetched for every update
-                    writer.write(entry, _update(plan, update, tensor, device, norms_out, workspace))
+                    writer.write(output.entry, tensors.value(name, tensor))
                 if progress:
-                    progress(entry.nbytes, entry.name)
+                    counted = located[name][1].nbytes if name in located else 0
+                    done += counted
+                    progress(counted, name)
     finally:
         writer.close()
-    return shard.data_size
+    if progress and shard.data_size > done:  # tensors the output drops (dequantized scales)
+        progress(shard.data_size - done, shard.path.name)
+    return out.data_size
 
 
 def _update(
@@ -231,10 +370,12 @@ def check_finite(key: str, before: torch.Tensor, after: torch.Tensor, operation:
 
 
 def _prefetched(
-    shard: Shard, source: Any, updates: Mapping[str, Update], pin: bool
-) -> Iterator[tuple[TensorEntry, torch.Tensor | None]]:
-    """Entries in file order, with the tensors to update read ahead by one thread (two in flight)."""
-    wanted = [e for e in shard.entries if e.name in updates]
+    shard: Shard, source: Any, outputs: tuple[OutputTensor, ...], ahead: set[str], pin: bool
+) -> Iterator[tuple[OutputTensor, torch.Tensor | None]]:
+    """Output tensors in order, with the base tensors named in ``ahead`` (this shard's, same name)
+    read ahead by one thread (two in flight)."""
+    by_name = {e.name: e for e in shard.entries}
+    wanted = [by_name[t.entry.name] for t in outputs if t.entry.name in ahead]
     # three reusable read buffers: one being computed on, two read ahead (entry k uses slot k % 3)
     size = max((e.nbytes for e in wanted), default=0)
     slots = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(3 if wanted else 0)]
@@ -254,13 +395,13 @@ def _prefetched(
                 pending[nxt[1].name] = pool.submit(read, *nxt)
 
         top_up()
-        for entry in shard.entries:
-            if entry.name in updates:
-                tensor = pending.pop(entry.name).result()
+        for output in outputs:
+            if output.entry.name in ahead:
+                tensor = pending.pop(output.entry.name).result()
                 top_up()  # reads k+1 and k+2 while k is computed: three distinct slots
-                yield entry, tensor
+                yield output, tensor
             else:
-                yield entry, None
+                yield output, None
 
 
 def apply_update(

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import torch
 
-MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+MANTISSA_BITS = {
+    torch.float64: 52,
+    torch.float32: 23,
+    torch.float16: 10,
+    torch.bfloat16: 7,
+    torch.float8_e4m3fn: 3,
+    torch.float8_e5m2: 2,
+}
+# dtypes whose every value is a float32: float64 is rounded to them through float32, settling midpoints
+_NARROW = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -13,9 +22,24 @@ def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     torch casts float64 to bfloat16/float16 through float32, which rounds twice: a value just
     off a half-precision midpoint lands on it in float32 and then goes to the even neighbour,
     not the nearest. Here such values are settled by which side of the midpoint ``x`` lies on.
+    The float8 dtypes are rounded the same way; torch saturates values beyond their range to the
+    largest finite value.
     """
-    if x.dtype != torch.float64 or dtype not in (torch.bfloat16, torch.float16):
+    if x.dtype != torch.float64 or dtype not in _NARROW:
         return x.to(dtype)
+    if x.numel() > _CHUNK:  # in pieces: the temporaries below stay a few MB (and cache-resident)
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+        flat_x, flat_out = x.reshape(-1), out.view(-1)
+        for start in range(0, flat_x.numel(), _CHUNK):
+            flat_out[start : start + _CHUNK] = _round_once(flat_x[start : start + _CHUNK], dtype)
+        return out
+    return _round_once(x, dtype)
+
+
+_CHUNK = 1 << 20
+
+
+def _round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     x32 = x.to(torch.float32)
     up = torch.nextafter(x32, torch.tensor(float("inf"), device=x.device)).to(dtype)
     down = torch.nextafter(x32, torch.tensor(float("-inf"), device=x.device)).to(dtype)

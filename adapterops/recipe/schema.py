@@ -21,7 +21,8 @@
 A verb's keys are its inputs (``inputs`` for combine, merge and unmerge, ``input`` and for merge
 ``base`` as names) and its options: exactly the fields of its record in ``adapterops.options``,
 so a recipe accepts every option the CLI has. A step's own keys are ``name``, the verb,
-``output`` and the fields of ``WriteOptions`` (``dtype``, ``push``, ``private``).
+``output`` and the fields of ``WriteOptions`` (``dtype``, ``push``, ``private``); a merge step's
+``dtype`` (``MergeOptions.dtype``, for quantized bases) goes inside ``merge: {...}``.
 
 The hand-written validator (not a schema library) is what gives file:line for every error.
 """
@@ -183,6 +184,11 @@ def _step(node: Any, path: Path, names: set[str]) -> Step:
     write = {
         k: _option(v, WRITE_KEYS[k], path, f"{where}: {k}") for k, v in fields.items() if k in WRITE_KEYS
     }
+    if verb in CHECKPOINT_VERBS and "dtype" in write:  # it would set adapter factors' dtype: nothing here
+        raise RecipeError(
+            f"{path}:{_line(fields['dtype'])}: {where}: a step's dtype is the dtype of an adapter it writes; a "
+            f"{verb} step writes a checkpoint: give dtype inside {verb}: {{...}} (merge only: quantized bases)"
+        )
     try:
         WriteOptions(**write)
     except InvalidInputError as exc:

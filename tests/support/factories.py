@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, GPT2LMHeadModel, LlamaForCausalLM
 
 __all__ = [
     "TinyConvNet",
@@ -52,9 +52,11 @@ __all__ = [
     "peft_bias_deltas",
     "peft_deltas",
     "peft_logits",
+    "peft_merge_and_unload_logits",
     "peft_merged_state_dict",
     "save_base_checkpoint",
     "tiny_conv",
+    "tiny_gemma3",
     "tiny_gpt2",
     "tiny_llama",
 ]
@@ -117,6 +119,31 @@ def tiny_llama(
     with _seeded(seed), _quiet():
         model: Any = LlamaForCausalLM(config)
     return model.to(dtype).eval()
+
+
+def tiny_gemma3(seed: int = 0) -> Gemma3ForCausalLM:
+    """A 2-layer Gemma 3 text model (hidden 32, 4 heads of 8, 2 kv heads, vocab 128, sliding window 16) with
+    random weights: scaled embeddings, logit soft-capping, and ``tie_word_embeddings`` true by default."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **_EAGER,
+    )
+    with _seeded(seed), _quiet():
+        model: Any = Gemma3ForCausalLM(config)
+    return model.eval()
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
@@ -335,6 +362,16 @@ def peft_logits(
         if input_ids.is_floating_point():
             return peft_model(input_ids.to(torch.float64)).detach()
         return peft_model(input_ids=input_ids).logits.detach()
+
+
+def peft_merge_and_unload_logits(
+    model_factory: ModelFactory, adapter_dir: str | Path, input_ids: torch.Tensor
+) -> torch.Tensor:
+    """float64 LM logits of the model PEFT's own ``merge_and_unload()`` returns (to compare with
+    ``peft_logits``, the unmerged model's)."""
+    peft_model = _load_peft(model_factory, adapter_dir, torch.float64)
+    with torch.no_grad(), _quiet():
+        return peft_model.merge_and_unload()(input_ids=input_ids).logits.detach()
 
 
 def base_logits(model_factory: ModelFactory, inputs: torch.Tensor) -> torch.Tensor:
