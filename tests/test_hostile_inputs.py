@@ -26,7 +26,7 @@ from click.testing import CliRunner
 import adapterops as ao
 from adapterops.cli import cli
 from adapterops.io import checkpoint as checkpoint_module
-from adapterops.io import peft_config, safetensors_file
+from adapterops.io import patterns, peft_config, safetensors_file
 from adapterops.io.safetensors_file import MAX_HEADER, ShardWriter, TensorEntry, read_header
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -568,7 +568,7 @@ def test_a_module_name_too_long_for_patterns_is_refused(tmp_path: Path) -> None:
 def test_the_bounded_matcher_agrees_with_re_on_random_patterns() -> None:
     """The reference is PEFT's own ``re.match(rf"(.*\\.)?({key})$", name)`` on short names, where re
     is quick; the set-of-positions evaluation is forced for every key (``_build``), including the
-    ones ``_matcher`` hands to re itself."""
+    ones ``patterns.matcher`` hands to re itself."""
     rng = random.Random(20240611)
     atoms = ["a", "b", ".", r"\.", "[ab]", "[^a]", r"\w", r"\W", r"\d", r"\s", "[a-c]", "A", "[^\\w.]", "\\n"]
     wrappers = (
@@ -588,12 +588,12 @@ def test_the_bounded_matcher_agrees_with_re_on_random_patterns() -> None:
     for _ in range(300):
         key = rng.choice(["(?<=a)", "(?<!\\.)", ""]) + pattern(3)
         text = rf"(.*\.)?({key})$"
-        tree = peft_config._parser.parse(text, 0)
-        node = peft_config._build(tree, tree.state.flags)
+        tree = patterns._parser.parse(text, 0)
+        node = patterns._build(tree, tree.state.flags)
         for _ in range(8):
             name = "".join(rng.choice("abAB.1_ \n\u00e9") for _ in range(rng.randint(0, 7)))
             want = re.match(text, name) is not None
-            assert (node.ends(1, peft_config._Subject(name, key)) != 0) == want, (key, name)
+            assert (node.ends(1, patterns._Subject(name, key)) != 0) == want, (key, name)
             assert peft_config.get_pattern_key([key], name) == (key if want else name)
             checked += 1
     assert checked == 2400
