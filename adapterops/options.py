@@ -28,6 +28,23 @@ class Method(str, Enum):
     CAT = "cat"
     SVD = "svd"
     LINEAR = "linear"
+    TIES = "ties"
+    DARE_LINEAR = "dare_linear"
+    DARE_TIES = "dare_ties"
+    MAGNITUDE_PRUNE = "magnitude_prune"
+
+
+# methods that sparsify each module's dense update, then factor it (docs/math.md, ops/sparsify.py)
+SPARSIFYING = (Method.TIES, Method.DARE_LINEAR, Method.DARE_TIES, Method.MAGNITUDE_PRUNE)
+SIGN_ELECTING = (Method.TIES, Method.DARE_TIES)
+RANDOM = (Method.DARE_LINEAR, Method.DARE_TIES)
+
+
+class MajoritySign(str, Enum):
+    """How TIES elects each entry's sign: ``total``, sign of the sum; ``frequency``, of the sum of signs."""
+
+    TOTAL = "total"
+    FREQUENCY = "frequency"
 
 
 class Form(str, Enum):
@@ -208,8 +225,27 @@ class CombineOptions(RankTarget):
     method: Method = option(
         Method.EXACT,
         "exact: the weighted sum at its numerical rank. cat: concatenated factors. svd: best rank-K "
-        "form (needs --rank/--energy/--sv-ratio). linear: PEFT's approximation.",
+        "form (needs --rank/--energy/--sv-ratio). linear: PEFT's approximation. ties, dare_linear, "
+        "dare_ties, magnitude_prune: sparsify each module's update (needs --density), then factor it "
+        "at the sum of the input ranks or --rank/--energy/--sv-ratio.",
         type=Method,
+    )
+    density: float | None = option(
+        None,
+        "ties, dare_*, magnitude_prune: fraction of each update's entries kept.",
+        type=float,
+        min=0,
+        max=1,
+        min_open=True,
+        metavar="D",
+    )
+    majority_sign: MajoritySign | None = option(
+        None,
+        "ties, dare_ties: elect each entry's sign by the total (default) or by the frequency of signs.",
+        type=MajoritySign,
+    )
+    seed: int | None = option(
+        None, "dare_linear, dare_ties: seed of the random drop (default 0).", type=int, min=0, metavar="N"
     )
     allow_different_bases: bool = option(
         False, "Combine adapters whose configs name different base models.", type=bool
@@ -222,10 +258,21 @@ class CombineOptions(RankTarget):
         super().__post_init__()
         if self.method is Method.SVD and self.is_exact:
             raise InvalidInputError(f"method svd needs a target: give {target_hint()}")
-        if self.method is not Method.SVD and not self.is_exact:
+        if self.method not in (Method.SVD, *SPARSIFYING) and not self.is_exact:
             raise InvalidInputError(
-                f"{param('rank')}/{param('energy')}/{param('sv_ratio')} apply to method svd, not {self.method.value}"
+                f"{param('rank')}/{param('energy')}/{param('sv_ratio')} apply to methods svd, "
+                f"{', '.join(m.value for m in SPARSIFYING)}, not {self.method.value}"
             )
+        if self.method in SPARSIFYING and self.density is None:
+            raise InvalidInputError(
+                f"method {self.method.value} needs {param('density', 'D')} (0 < D <= 1; 1 keeps every entry)"
+            )
+        for name, methods in (("density", SPARSIFYING), ("majority_sign", SIGN_ELECTING), ("seed", RANDOM)):
+            if getattr(self, name) is not None and self.method not in methods:
+                raise InvalidInputError(
+                    f"{param(name)} applies to method {', '.join(m.value for m in methods)}, "
+                    f"not {self.method.value}"
+                )
         _check_form(self.form, self.base)
         if self.form is Form.DORA and self.method is not Method.EXACT:
             raise InvalidInputError(f"a DoRA output is exact: drop {param('method')} and the rank target")

@@ -31,9 +31,14 @@ from adapterops.ops.combine import (
 )
 from adapterops.ops.dora import row_norms, sum_as_dora, sum_as_lora
 from adapterops.ops.lowrank import RankPolicy
+from adapterops.ops.sparsify import Sparsity
 from adapterops.options import (
+    RANDOM,
+    SIGN_ELECTING,
+    SPARSIFYING,
     CombineOptions,
     Form,
+    MajoritySign,
     Method,
     NegateOptions,
     ResizeOptions,
@@ -65,6 +70,9 @@ def combine(
     rank: int | None = None,
     energy: float | None = None,
     sv_ratio: float | None = None,
+    density: float | None = None,
+    majority_sign: MajoritySign | str | None = None,
+    seed: int | None = None,
     allow_different_bases: bool = False,
     base: BaseRef | None = None,
     form: Form | str = Form.AUTO,
@@ -78,7 +86,13 @@ def combine(
         weights: one per adapter (default 1 each); a weight may be a function of the module name
             (per-module filters, layer gradients: see ``adapterops.recipe``).
         method: ``exact`` (the sum at its numerical rank), ``cat``, ``svd`` (best rank-k; needs
-            ``rank``, ``energy`` or ``sv_ratio``) or ``linear`` (PEFT's approximation, warns).
+            ``rank``, ``energy`` or ``sv_ratio``), ``linear`` (PEFT's approximation, warns), or
+            ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: each module's dense updates
+            s_i B_i A_i sparsified and merged (docs/math.md), then factored at rank sum of input ranks
+            (or ``rank``/``energy``/``sv_ratio``), the error in the report. LoRA inputs only.
+        density: for those four, the fraction of each update's entries kept (0 < density <= 1).
+        majority_sign: ``ties``/``dare_ties``: ``total`` (default) or ``frequency``.
+        seed: ``dare_*``: the random drop's seed (default 0), combined with each module's name.
         allow_different_bases: combine inputs whose configs name different base models (warns).
         base: the base checkpoint, needed when an input is DoRA.
         form: ``dora`` (with ``base``) returns a DoRA adapter, which holds any weighted sum of DoRA
@@ -104,6 +118,9 @@ def combine(
         rank=rank,
         energy=energy,
         sv_ratio=sv_ratio,
+        density=density,
+        majority_sign=cast(MajoritySign, majority_sign),
+        seed=seed,
         allow_different_bases=allow_different_bases,
         base=base,
         form=cast(Form, form),
@@ -123,6 +140,13 @@ def combine(
         )
     record.update(weights=[getattr(w, "spec", w) if callable(w) else w for w in checked])
     record.update(opts.target())
+    if opts.method in SPARSIFYING:
+        sparsity = _sparsity(opts)
+        record.update(density=sparsity.density)
+        if opts.method in SIGN_ELECTING:
+            record.update(majority_sign=sparsity.majority_sign.value)
+        if opts.method in RANDOM:
+            record.update(seed=sparsity.seed)
     return replace(result, provenance=operation_record("combine", loaded, **record))
 
 
@@ -258,9 +282,19 @@ def _sum(
     form = opts.form
     if form is Form.AUTO:
         form = Form.DORA if dora_inputs and opts.method is Method.EXACT else Form.LORA
+    if dora_inputs and opts.method in SPARSIFYING:
+        dora = next(a for a in adapters if a.is_dora)
+        raise UnsupportedAdapterError(
+            f"{dora.describe()}: DoRA adapter (lora_magnitude_vector); method {opts.method.value} sparsifies "
+            "LoRA updates s*B@A, which a DoRA's update is not: convert it first with to-lora (and --base)"
+        )
     if not dora_inputs and form is Form.LORA:
+        sparsity = _sparsity(opts)
         modules, reports = map_modules(
-            adapters, weights, lambda _, terms: combine_module(terms, opts.method, policy), progress
+            adapters,
+            weights,
+            lambda _, terms: combine_module(terms, opts.method, policy, sparsity, opts.exact_limit),
+            progress,
         )
         return result_adapter(adapters, modules, reports), {"method": opts.method.value}
 
@@ -307,6 +341,15 @@ def _sum(
     if form is Form.DORA:
         record["form"] = Form.DORA.value
     return result_adapter(adapters, modules, reports), record
+
+
+def _sparsity(opts: CombineOptions) -> Sparsity:
+    """The sparsifying methods' parameters, defaults filled in."""
+    return Sparsity(
+        density=1.0 if opts.density is None else opts.density,
+        majority_sign=opts.majority_sign or MajoritySign.TOTAL,
+        seed=opts.seed or 0,
+    )
 
 
 def _single(

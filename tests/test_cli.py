@@ -150,8 +150,8 @@ def test_force_replaces_and_different_bases_can_be_allowed(zoo: Zoo, tmp_path: P
 def test_usage_errors_come_from_click(zoo: Zoo, tmp_path: Path) -> None:
     code, _, err = run("resize", zoo["llama_a"], "-o", tmp_path / "x")
     assert code == 2 and "resize needs a target: give --rank K, --energy F or --sv-ratio R" in err
-    code, _, err = run("combine", zoo["llama_a"], "--method", "ties", "-o", tmp_path / "x")
-    assert code == 2 and "'ties' is not one of 'exact', 'cat', 'svd', 'linear'" in err
+    code, _, err = run("combine", zoo["llama_a"], "--method", "knots", "-o", tmp_path / "x")
+    assert code == 2 and "'knots' is not one of 'exact', 'cat', 'svd', 'linear', 'ties'" in err
 
 
 def test_linear_warns_that_it_approximates(zoo: Zoo, tmp_path: Path) -> None:

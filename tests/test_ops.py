@@ -312,8 +312,11 @@ def test_modules_to_save_conflicts_are_refused_and_identical_copies_kept() -> No
     ("kwargs", "message"),
     [
         ({"method": "svd"}, "method svd needs a target"),
-        ({"method": "cat", "rank": 2}, "apply to method svd, not cat"),
-        ({"method": "ties"}, "unknown method 'ties'; choose one of exact, cat, svd, linear"),
+        (
+            {"method": "cat", "rank": 2},
+            "apply to methods svd, ties, dare_linear, dare_ties, magnitude_prune, not cat",
+        ),
+        ({"method": "knots"}, "unknown method 'knots'; choose one of exact, cat, svd, linear, ties"),
         ({"weights": [1.0, float("nan")]}, "weights must be finite numbers"),
     ],
 )

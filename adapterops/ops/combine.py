@@ -13,6 +13,9 @@ with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Method
 - ``svd``: the best rank-k form of the exact sum (``lowrank.svd_of_product``), k from a ``RankPolicy``.
 - ``linear``: PEFT's ``linear`` combination, A = sum sign(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i.
   Not the weighted sum (it adds cross terms B_i A_j); offered for parity, its error is reported.
+- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: not a sum on factors; each module's
+  dense updates s_i B_i A_i are sparsified and merged (``ops.sparsify``), then the best rank-k form
+  of the merged update is kept (default k: the sum of the input ranks), its error reported.
 
 DoRA modules are not handled here: their update depends on the base weight (``ops.dora``).
 Expert weights (``ModuleKind.PARAMETER``) need nothing special: each expert is a module of its own.
@@ -24,7 +27,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -32,11 +35,13 @@ from adapterops.adapter import Adapter, LoraModule, ModuleReport
 from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, param
 from adapterops.ops.lowrank import (
     RankPolicy,
+    best_low_rank,
     compute_dtype,
     frobenius_norm_of_product,
     relative,
     svd_of_product,
 )
+from adapterops.ops.sparsify import Sparsity, sparsified_sum
 from adapterops.options import Method
 
 Progress = Callable[[str], None]
@@ -75,13 +80,18 @@ def map_modules(
 @dataclass(frozen=True)
 class Stacked:
     """One module's terms, prepared once for every method: coefficients c_i = w_i s_i, float64
-    factors, the concatenated exact form [c_i B_i] @ [A_i], and the summed lora_B bias."""
+    factors, the concatenated exact form [c_i B_i] @ [A_i], and the summed lora_B bias; the weights
+    w_i and scales s_i apart, and the parameters of the sparsifying methods."""
 
     first: LoraModule
     coeffs: list[float]
     As: list[torch.Tensor]
     Bs: list[torch.Tensor]
     bias: torch.Tensor | None
+    weights: list[float] = field(default_factory=list)
+    scales: list[float] = field(default_factory=list)
+    sparsity: Sparsity = field(default_factory=Sparsity)
+    exact_limit: int = 1024  # dense factoring: exact SVD up to this min(out, in) (``best_low_rank``)
 
     @property
     def rank_in(self) -> int:
@@ -101,8 +111,17 @@ class Stacked:
 MethodFn = Callable[[Stacked, RankPolicy], tuple[LoraModule, ModuleReport]]
 
 
-def combine_module(terms: Terms, method: Method, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
-    """sum_i w_i s_i B_i A_i for one module, represented as ``method`` says (module docstring)."""
+def combine_module(
+    terms: Terms,
+    method: Method,
+    policy: RankPolicy,
+    sparsity: Sparsity | None = None,
+    exact_limit: int = 1024,
+) -> tuple[LoraModule, ModuleReport]:
+    """sum_i w_i s_i B_i A_i for one module, represented as ``method`` says (module docstring).
+
+    ``sparsity`` parameterizes the sparsifying methods; ``exact_limit`` is ``best_low_rank``'s.
+    """
     first = terms[0][1]
     rank_in = sum(m.rank for _, m in terms)
     if len(terms) == 1 and method in (Method.EXACT, Method.CAT):
@@ -124,6 +143,10 @@ def combine_module(terms: Terms, method: Method, policy: RankPolicy) -> tuple[Lo
         [m.A.to(dtype) for _, m in terms],
         [m.B.to(dtype) for _, m in terms],
         bias_sum(terms, dtype),
+        [w for w, _ in terms],
+        [m.scale for _, m in terms],
+        sparsity or Sparsity(),
+        exact_limit,
     )
     return METHODS[method](stacked, policy)
 
@@ -191,12 +214,61 @@ def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
     return t.finish(A, B), report
 
 
+def _sparsified(method: Method, t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """TIES/DARE/magnitude pruning of the dense updates s_i B_i A_i (``ops.sparsify``), then their
+    best rank-k form, k from ``policy`` or else the sum of the input ranks (at most full rank); the
+    error is measured against the dense merged update."""
+    first = t.first
+    if t.bias is not None:
+        raise InvalidInputError(
+            f"module {first.name}: an input has a lora_B bias (lora_bias=True); method {method.value} "
+            "sparsifies weight updates only: use the default exact method or svd"
+        )
+    full = min(first.out_features, first.in_features)
+    if policy.rank is not None and policy.rank > full:
+        raise InvalidInputError(
+            f"module {first.name}: rank {policy.rank} exceeds what a {first.out_features}x{first.in_features} "
+            f"update can have ({full}); choose {param('rank', full)} or less"
+        )
+    deltas = [s * (b @ a) for s, a, b in zip(t.scales, t.As, t.Bs, strict=True)]
+    merged = sparsified_sum(method, first.name, deltas, t.weights, t.sparsity)
+    if policy.is_exact:
+        policy = RankPolicy(rank=min(t.rank_in, *merged.shape))
+    low = best_low_rank(merged, policy, exact_limit=t.exact_limit)
+    report = ModuleReport(first.name, t.rank_in, low.A.shape[0], low.energy_kept, low.rel_error, low.solver)
+    return t.finish(low.A, low.B), report
+
+
+def _ties(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """TIES-Merging of the dense updates (trim, elect sign, disjoint mean), then rank-k."""
+    return _sparsified(Method.TIES, t, policy)
+
+
+def _dare_linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """DARE (random drop, 1/density rescale) then the weighted sum, then rank-k."""
+    return _sparsified(Method.DARE_LINEAR, t, policy)
+
+
+def _dare_ties(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """DARE's drop and rescale, then TIES's sign election and disjoint mean, then rank-k."""
+    return _sparsified(Method.DARE_TIES, t, policy)
+
+
+def _magnitude_prune(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """TIES's trim then the weighted sum, then rank-k."""
+    return _sparsified(Method.MAGNITUDE_PRUNE, t, policy)
+
+
 # one entry per method: a new method is one function above and one line here (and its Method value)
 METHODS: dict[Method, MethodFn] = {
     Method.EXACT: _exact,
     Method.CAT: _cat,
     Method.SVD: _svd,
     Method.LINEAR: _linear,
+    Method.TIES: _ties,
+    Method.DARE_LINEAR: _dare_linear,
+    Method.DARE_TIES: _dare_ties,
+    Method.MAGNITUDE_PRUNE: _magnitude_prune,
 }
 
 
