@@ -18,6 +18,7 @@ import adapterops as ao
 from adapterops.provenance import NORMS_NAME, RECORD_NAME
 from tests.conftest import Zoo
 from tests.support.factories import peft_deltas, peft_logits, peft_merged_state_dict, save_base_checkpoint
+from tests.support.hf import stored as tensors
 from tests.support.rounding import nearest
 
 SHARD = "20KB"  # several shards for the tiny models
@@ -37,17 +38,6 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ),
         "gpt2_bf16": save_base_checkpoint(tiny_gpt2, root / "gpt2_bf16", dtype=torch.bfloat16),
     }
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, read with the safetensors library (proves the files)."""
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        if file.name.startswith("adapterops_"):
-            continue
-        with safe_open(file, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
 
 
 def base_key(module: str, keys: set[str]) -> str:

@@ -23,7 +23,6 @@ adapters (their experts are fused at load time and not targeted here).
 from __future__ import annotations
 
 import functools
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import adapterops as ao
+from tests.support.hf import build_seeded, from_pretrained, stored, ulp_bf16
 from tests.support.rounding import nearest
 
 TEXT: dict[str, Any] = dict(
@@ -55,41 +54,28 @@ SHARD = "8KB"  # several shards even for these tiny models
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def _build(make: Callable[[], Any], seed: int = 0) -> Any:
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return make().eval()
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-
-
 def qwen2() -> Any:  # q/k/v carry biases
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return _build(lambda: Qwen2ForCausalLM(Qwen2Config(**TEXT)))
+    return build_seeded(lambda: Qwen2ForCausalLM(Qwen2Config(**TEXT)))
 
 
 def qwen3() -> Any:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return _build(lambda: Qwen3ForCausalLM(Qwen3Config(**TEXT, head_dim=8)))
+    return build_seeded(lambda: Qwen3ForCausalLM(Qwen3Config(**TEXT, head_dim=8)))
 
 
 def mistral() -> Any:
     from transformers import MistralConfig, MistralForCausalLM
 
-    return _build(lambda: MistralForCausalLM(MistralConfig(**TEXT, sliding_window=16)))
+    return build_seeded(lambda: MistralForCausalLM(MistralConfig(**TEXT, sliding_window=16)))
 
 
 def phi3() -> Any:  # fused qkv_proj and gate_up_proj, stored fused
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    return _build(lambda: Phi3ForCausalLM(Phi3Config(**TEXT)))
+    return build_seeded(lambda: Phi3ForCausalLM(Phi3Config(**TEXT)))
 
 
 def falcon() -> Any:  # fused query_key_value (multi-query attention)
@@ -105,7 +91,7 @@ def falcon() -> Any:  # fused query_key_value (multi-query attention)
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
-    return _build(lambda: FalconForCausalLM(config))
+    return build_seeded(lambda: FalconForCausalLM(config))
 
 
 def opt() -> Any:
@@ -125,7 +111,7 @@ def opt() -> Any:
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
-    return _build(lambda: OPTForCausalLM(config))
+    return build_seeded(lambda: OPTForCausalLM(config))
 
 
 def bert() -> Any:
@@ -143,7 +129,7 @@ def bert() -> Any:
         attention_probs_dropout_prob=0.0,
         attn_implementation="eager",
     )
-    return _build(lambda: BertForSequenceClassification(config))
+    return build_seeded(lambda: BertForSequenceClassification(config))
 
 
 def t5() -> Any:  # shared input embedding, tied to both stacks' embed_tokens and to lm_head
@@ -163,13 +149,13 @@ def t5() -> Any:  # shared input embedding, tied to both stacks' embed_tokens an
         dropout_rate=0.0,
         attn_implementation="eager",
     )
-    return _build(lambda: T5ForConditionalGeneration(config))
+    return build_seeded(lambda: T5ForConditionalGeneration(config))
 
 
 def mixtral() -> Any:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    return _build(
+    return build_seeded(
         lambda: MixtralForCausalLM(MixtralConfig(**TEXT, num_local_experts=2, num_experts_per_tok=1))
     )
 
@@ -180,7 +166,7 @@ def qwen3_moe() -> Any:
     config = Qwen3MoeConfig(
         **TEXT, head_dim=8, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32
     )
-    return _build(lambda: Qwen3MoeForCausalLM(config))
+    return build_seeded(lambda: Qwen3MoeForCausalLM(config))
 
 
 @dataclass(frozen=True)
@@ -314,30 +300,6 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def stored(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
-
-
-def from_pretrained(path: Path) -> Any:
-    """The checkpoint loaded by transformers in float32, refusing any key it could not place."""
-    import transformers
-
-    cls = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    unplaced = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
-    assert not unplaced, unplaced
-    return model.eval()
-
-
 def peft_model(base: Path, adapter: Path) -> Any:
     """``from_pretrained(base)`` in float32 wrapped by ``PeftModel.from_pretrained`` (the task's class)."""
     from peft import PeftModel
@@ -361,12 +323,6 @@ def dora_row_factors(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
                 norm = torch.linalg.vector_norm(W + layer.get_delta_weight("default"), dim=1)
                 out[f"{name}.weight"] = norm / layer.lora_magnitude_vector["default"].weight.double()
     return out
-
-
-def ulp_bf16(x: torch.Tensor) -> torch.Tensor:
-    """The spacing of bf16 at |x| (float64), at least the smallest normal's."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)))
-    return torch.pow(2.0, exponent - 7)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -19,7 +19,6 @@ adapterops, and judges the result against PEFT and transformers themselves:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -31,11 +30,11 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import adapterops as ao
 from adapterops.io.checkpoint import open_checkpoint
 from tests.support.factories import make_adapter, peft_merged_state_dict
+from tests.support.hf import build_seeded, from_pretrained, stored, ulp_bf16
 from tests.support.rounding import nearest
 
 TEXT = dict(
@@ -55,19 +54,6 @@ IMAGE_TOKEN = 127
 SHARD = "8KB"  # several shards even for these tiny models
 
 
-def _build(make: Callable[[], Any], seed: int) -> Any:
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return make().eval()
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-
-
 def llava(seed: int = 0, intermediate: int = 64) -> Any:
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -79,7 +65,7 @@ def llava(seed: int = 0, intermediate: int = 64) -> Any:
         vision_feature_layer=-1,
         attn_implementation="eager",
     )
-    return _build(lambda: LlavaForConditionalGeneration(config), seed)
+    return build_seeded(lambda: LlavaForConditionalGeneration(config), seed)
 
 
 def gemma3(seed: int = 0) -> Any:
@@ -92,14 +78,14 @@ def gemma3(seed: int = 0) -> Any:
         image_token_index=IMAGE_TOKEN,
         attn_implementation="eager",
     )
-    return _build(lambda: Gemma3ForConditionalGeneration(config), seed)
+    return build_seeded(lambda: Gemma3ForConditionalGeneration(config), seed)
 
 
 def gemma3_text(seed: int = 0) -> Any:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(**TEXT, head_dim=8, sliding_window=16, attn_implementation="eager")
-    return _build(lambda: Gemma3ForCausalLM(config), seed)
+    return build_seeded(lambda: Gemma3ForCausalLM(config), seed)
 
 
 def qwen2_vl(seed: int = 0) -> Any:
@@ -118,7 +104,7 @@ def qwen2_vl(seed: int = 0) -> Any:
         },
         attn_implementation="eager",
     )
-    return _build(lambda: Qwen2VLForConditionalGeneration(config), seed)
+    return build_seeded(lambda: Qwen2VLForConditionalGeneration(config), seed)
 
 
 def mistral3(seed: int = 0) -> Any:
@@ -132,7 +118,7 @@ def mistral3(seed: int = 0) -> Any:
         tie_word_embeddings=False,
         attn_implementation="eager",
     )
-    return _build(lambda: Mistral3ForConditionalGeneration(config), seed)
+    return build_seeded(lambda: Mistral3ForConditionalGeneration(config), seed)
 
 
 def gpt_neox(seed: int = 0) -> Any:
@@ -141,7 +127,7 @@ def gpt_neox(seed: int = 0) -> Any:
     config = GPTNeoXConfig(
         **{k: v for k, v in TEXT.items() if k != "num_key_value_heads"}, attn_implementation="eager"
     )
-    return _build(lambda: GPTNeoXForCausalLM(config), seed)
+    return build_seeded(lambda: GPTNeoXForCausalLM(config), seed)
 
 
 @dataclass(frozen=True)
@@ -194,26 +180,6 @@ CASES = {
         },
     ),
 }
-
-
-def stored(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint, by stored name, read with the safetensors library."""
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, "pt") as handle:
-            out.update({k: handle.get_tensor(k) for k in handle.keys()})
-    return out
-
-
-def from_pretrained(path: Path) -> Any:
-    """The checkpoint loaded by transformers in float32, refusing any key it could not place."""
-    import transformers
-
-    cls = getattr(transformers, json.loads((path / "config.json").read_text())["architectures"][0])
-    model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
-    unplaced = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
-    assert not unplaced, unplaced
-    return model.eval()
 
 
 @functools.cache
@@ -287,12 +253,6 @@ def test_merge_into_the_stored_layout_is_what_peft_merges(name: str, cases, tmp_
     for key in changed:  # round(round(W + d) - d): within half an ulp of each rounded value of W
         scale = torch.maximum(merged[key].double().abs(), back[key].double().abs())
         assert float(((back[key].double() - base[key].double()).abs() / ulp_bf16(scale)).max()) <= 1
-
-
-def ulp_bf16(x: torch.Tensor) -> torch.Tensor:
-    """The spacing of bf16 at |x| (float64), at least the smallest normal's."""
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)))
-    return torch.pow(2.0, exponent - 7)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -422,7 +382,7 @@ def test_tensors_transformers_fuses_at_load_are_refused_by_name(tmp_path: Path) 
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(**TEXT, num_local_experts=2, num_experts_per_tok=1)
-    _build(lambda: MixtralForCausalLM(config), 0).save_pretrained(tmp_path / "mixtral")
+    build_seeded(lambda: MixtralForCausalLM(config), 0).save_pretrained(tmp_path / "mixtral")
     checkpoint = open_checkpoint(tmp_path / "mixtral")
     assert "model.layers.0.block_sparse_moe.experts.1.w3.weight" in checkpoint.tensors
     # the router is renamed (block_sparse_moe.gate -> mlp.gate): found
