@@ -40,10 +40,12 @@ Nothing here reads or writes files: ``adapterops.io`` does (``load_adapter``, ``
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -224,6 +226,29 @@ class Adapter:
         for module in self.modules.values():
             counts[module.A.dtype] = counts.get(module.A.dtype, 0) + 1
         return max(counts, key=lambda d: counts[d]) if counts else torch.float32
+
+    @cached_property
+    def content_sha256(self) -> str:
+        """sha256 of the tensors (names, dtypes, shapes and bytes, in name order) and scales: what
+        identifies an adapter that was never a file. Computed once per object (it is immutable)."""
+        digest = hashlib.sha256()
+        items: list[tuple[str, torch.Tensor | None]] = []
+        for name, m in sorted(self.modules.items()):
+            digest.update(f"{name}:{m.scale!r}:{m.kind.value}:{m.transposed}".encode())
+            items += [
+                (f"{name}.A", m.A),
+                (f"{name}.B", m.B),
+                (f"{name}.bias", m.bias),
+                (f"{name}.m", m.magnitude),
+            ]
+        items += sorted(self.full_tensors.items())
+        for name, tensor in items:
+            if tensor is None:
+                continue
+            data = tensor.detach().contiguous().cpu()
+            digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def describe(self) -> str:
         return self.source.describe() if self.source else "<in memory>"

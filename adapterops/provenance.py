@@ -26,7 +26,6 @@ they hold before anything uses it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import warnings
@@ -65,25 +64,8 @@ def input_record(adapter: Adapter) -> dict[str, Any]:
 
 
 def content_sha256(adapter: Adapter) -> str:
-    """sha256 of an adapter's tensors (names, dtypes, shapes and bytes, in name order) and scales."""
-    digest = hashlib.sha256()
-    items: list[tuple[str, torch.Tensor | None]] = []
-    for name, m in sorted(adapter.modules.items()):
-        digest.update(f"{name}:{m.scale!r}:{m.kind.value}:{m.transposed}".encode())
-        items += [
-            (f"{name}.A", m.A),
-            (f"{name}.B", m.B),
-            (f"{name}.bias", m.bias),
-            (f"{name}.m", m.magnitude),
-        ]
-    items += sorted(adapter.full_tensors.items())
-    for name, tensor in items:
-        if tensor is None:
-            continue
-        data = tensor.detach().contiguous().cpu()
-        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 of an adapter's tensors and scales (``Adapter.content_sha256``, computed once per object)."""
+    return adapter.content_sha256
 
 
 def checkpoint_record(checkpoint: Checkpoint) -> dict[str, Any]:
