@@ -88,8 +88,8 @@ def merge(
     # the record checks and converts a str dtype
     opts = MergeOptions(weights=weights, device=device, remerge=remerge, dtype=cast(MergeDtype, dtype))
     return _stream(
-        Direction.MERGE, base, adapters, opts.weights, out, opts.device, opts.remerge, force, dry_run, push_to,
-        private, progress, command, opts.dtype,
+        Direction.MERGE, base, adapters, opts.weights, out, opts.device, {"remerge": opts.remerge}, force,
+        dry_run, push_to, private, progress, command, opts.dtype,
     )  # fmt: skip
 
 
@@ -116,8 +116,8 @@ def unmerge(
     """
     opts = UnmergeOptions(weights=weights, device=device, ignore_record=ignore_record)
     return _stream(
-        Direction.UNMERGE, merged, adapters, opts.weights, out, opts.device, opts.ignore_record, force, dry_run,
-        push_to, private, progress, command,
+        Direction.UNMERGE, merged, adapters, opts.weights, out, opts.device,
+        {"ignore_record": opts.ignore_record}, force, dry_run, push_to, private, progress, command,
     )  # fmt: skip
 
 
@@ -128,7 +128,7 @@ def _stream(
     weights: Sequence[float] | None,
     out: str | Path,
     device: str,
-    record_flag: bool,  # remerge for a merge, ignore_record for an unmerge
+    record_flags: dict[str, bool],  # plan_merge's remerge (merge) or ignore_record (unmerge)
     force: bool,
     dry_run: bool,
     push_to: str | None,
@@ -141,8 +141,9 @@ def _stream(
     if not dry_run:
         check_output_path(target, force=force)  # before any download or planning
     checkpoint, loaded = load_inputs(base, adapters)
-    flags = {"remerge": record_flag} if direction is Direction.MERGE else {"ignore_record": record_flag}
-    plan = plan_merge(checkpoint, loaded, weights, direction=direction, command=command, dtype=dtype, **flags)
+    plan = plan_merge(
+        checkpoint, loaded, weights, direction=direction, command=command, dtype=dtype, **record_flags
+    )
     for note in plan.notes:
         warnings.warn(note, UserWarning, stacklevel=3)
     if dry_run:
