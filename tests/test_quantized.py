@@ -398,3 +398,31 @@ def test_round_to_float8_is_nearest_even_off_every_midpoint() -> None:
         assert torch.equal(round_to(x, torch.float8_e4m3fn).double(), nearest_value)
     assert not torch.equal(x.to(torch.float8_e4m3fn).double(), nearest_value)  # torch's cast rounds twice
     assert math.isclose(float(round_to(torch.tensor([1e9], dtype=torch.float64), torch.float8_e4m3fn)), 448)
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "message"),
+    [
+        ([1, 2], "config.json's quantization_config is a list, not an object; fix config.json"),
+        (
+            {"quant_method": "fp8", "weight_block_size": "128"},
+            "config.json's weight_block_size is '128', not two positive integers; fix config.json",
+        ),
+        (
+            {"quant_method": "fp8", "weight_block_size": [128, 0]},
+            "config.json's weight_block_size is [128, 0], not two positive integers; fix config.json",
+        ),
+    ],
+)
+def test_a_malformed_quantization_config_is_one_clear_line(
+    tmp_path: Path, quantization_config: object, message: str
+) -> None:
+    import shutil
+
+    inputs = Path(__file__).parent.parent / "recipes" / "inputs"
+    base = shutil.copytree(inputs / "tiny-llama-64", tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    code, out, err = run("merge", base, inputs / "style-a", "-o", tmp_path / "out")
+    assert (code, out) == (2, "") and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

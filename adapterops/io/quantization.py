@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from adapterops.errors import UnsupportedAdapterError
+from adapterops.errors import AdapterFormatError, UnsupportedAdapterError
 
 Reader = Callable[[str], torch.Tensor]  # tensor name -> the stored tensor
 
@@ -144,7 +144,11 @@ def detect(
     Formats adapterops cannot decode exactly are an ``UnsupportedAdapterError`` that says what to do.
     """
     qc = config.get("quantization_config") or config.get("compression_config") or {}
-    method = str(qc.get("quant_method") or "").lower() if isinstance(qc, Mapping) else ""
+    if not isinstance(qc, Mapping):
+        raise AdapterFormatError(
+            f"{where}: config.json's quantization_config is a {type(qc).__name__}, not an object; fix config.json"
+        )
+    method = str(qc.get("quant_method") or "").lower()
     names = set(tensors)
     leaves = {name.rpartition(".")[2] for name in names}
     if method in ("gptq", "awq") or leaves & set(PACKED_MARKERS):
@@ -176,6 +180,14 @@ def detect(
         )
     found: dict[str, QuantizedTensor] = {}
     block = qc.get("weight_block_size") if method == "fp8" else None
+    if block is not None and not (
+        isinstance(block, list | tuple)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise AdapterFormatError(
+            f"{where}: config.json's weight_block_size is {block!r}, not two positive integers; fix config.json"
+        )
     states = {n.partition(".quant_state.")[0]: n for n in names if ".quant_state.bitsandbytes__" in n}
     for name in sorted(names):
         quantized = _bnb(name, names, states, tensors, read, where) or _scaled(
@@ -201,8 +213,6 @@ def _entry(tensors: Mapping[str, Any], name: str) -> Any:
 def _scale_names(name: str) -> tuple[str, str]:
     """Where a weight's scale lives: ``<m>.weight_scale_inv`` / ``<m>.weight_scale`` for ``<m>.weight``,
     ``<name>_scale_inv`` / ``<name>_scale`` for fused expert tensors (``gate_up_proj``)."""
-    if name.endswith(".weight"):
-        return f"{name}_scale_inv", f"{name}_scale"
     return f"{name}_scale_inv", f"{name}_scale"
 
 
