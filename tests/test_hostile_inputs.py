@@ -510,6 +510,12 @@ ADAPTER_CONFIGS = [
     ("pattern-too-deep", {"rank_pattern": {"(" * 400 + "q" + ")" * 400: 2}}, "nests groups"),
     ("rslora-string", {"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),
     ("dora-number", {"use_dora": 0}, "use_dora must be true or false, got 0"),
+    (
+        "target-parameters-string",
+        {"target_parameters": "experts.gate_up_proj"},
+        "target_parameters must be a list of parameter names, got 'experts.gate_up_proj'",
+    ),
+    ("target-parameters-numbers", {"target_parameters": [1, 2]}, "target_parameters must be a list of"),
 ]
 
 

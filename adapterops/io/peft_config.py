@@ -256,6 +256,12 @@ def check_config(config: Mapping[str, Any], path: Path | str) -> None:
             raise AdapterFormatError(
                 f"{path}: {key} must be true or false, got {shown(value)}; fix {CONFIG_NAME}"
             )
+    targets = config.get("target_parameters")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        # a string would be read character by character, as a list of one-letter parameter names
+        raise AdapterFormatError(
+            f"{path}: target_parameters must be a list of parameter names, got {shown(targets)}; fix {CONFIG_NAME}"
+        )
     for name, why in _UNSUPPORTED_FIELDS.items():
         if config.get(name):
             raise UnsupportedAdapterError(
