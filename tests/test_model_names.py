@@ -394,3 +394,12 @@ def test_tensors_transformers_fuses_at_load_are_refused_by_name(tmp_path: Path) 
     ) and "builds model.layers.1.mlp.experts.gate_up_proj at load time from 4 stored tensor(s)" in str(
         error.value
     )
+
+
+def test_architectures_that_are_not_a_list_of_names_are_said_to_be_so() -> None:
+    from adapterops.io.model_names import load_names
+
+    names = load_names({"model_type": "llama", "architectures": "LlamaForCausalLM"}, {})
+    assert (
+        names.problem == "config.json's architectures must be a list of class names, got 'LlamaForCausalLM'"
+    )

@@ -95,6 +95,11 @@ def load_names(config: Mapping[str, Any], keys: Iterable[str]) -> LoadNames:
             problem=f"{origin} does not know model_type {model_type!r}; if it is a newer model, upgrade "
             "transformers (pip install -U transformers) so adapterops can read its load-time renames",
         )
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        return LoadNames(
+            origin,
+            problem=f"config.json's architectures must be a list of class names, got {architectures!r}",
+        )
     if not architectures:
         return LoadNames(
             origin,
