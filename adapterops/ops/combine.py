@@ -168,29 +168,49 @@ def _svd(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
 
 
 def _factored(t: Stacked, policy: RankPolicy, keep_full: bool) -> tuple[LoraModule, ModuleReport]:
-    first, rank_in = t.first, t.rank_in
     A_cat, B_cat = t.concatenated()
+    reference = max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(t.coeffs, t.As, t.Bs, strict=True))
+    return from_factors(t, B_cat, A_cat, policy, reference, keep_full=keep_full)
+
+
+def from_factors(
+    t: Stacked,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    policy: RankPolicy,
+    reference: float | None = None,
+    *,
+    keep_full: bool = False,
+) -> tuple[LoraModule, ModuleReport]:
+    """The module for a result held exactly as ``B @ A`` (float64), at the rank ``policy`` chooses.
+
+    The one truncation path of every method whose result is exact on factors: the SVD of ``B @ A``
+    from the factors (``svd_of_product``), k from ``policy`` (``reference``: the size of the terms the
+    result was summed from, see ``numerical_rank``), factors in SVD order (B = U sqrt(S),
+    A = sqrt(S) Vh), the dropped energy reported. ``keep_full``: when nothing would be dropped, keep
+    ``B`` and ``A`` as given (no re-factoring round-off).
+    """
+    first, rank_in = t.first, t.rank_in
     shape = (first.out_features, first.in_features)
     if policy.rank is not None and policy.rank > min(shape):
         raise InvalidInputError(
             f"module {first.name}: rank {policy.rank} exceeds what a {shape[0]}x{shape[1]} update can have "
             f"({min(shape)}); choose {param('rank', min(shape))} or less"
         )
-    factored = svd_of_product(B_cat, A_cat)
-    reference = max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(t.coeffs, t.As, t.Bs, strict=True))
+    factored = svd_of_product(B, A)
     k = policy.choose(factored.S, shape, reference)
     if k == 0:
         # zero to rounding (terms cancel): a rank-1 zero update keeps the module loadable by PEFT
-        return t.finish(torch.zeros_like(A_cat[:1]), torch.zeros_like(B_cat[:, :1])), ModuleReport(
+        return t.finish(torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1])), ModuleReport(
             first.name, rank_in, 1
         )
-    if keep_full and k == rank_in:
-        # already full rank: the concatenation is exact and avoids re-factoring round-off
-        return t.finish(A_cat, B_cat), ModuleReport(first.name, rank_in, rank_in)
-    A, B = factored.truncate(k)
+    if keep_full and k == B.shape[1]:
+        # already full rank: the given factors are exact and avoid re-factoring round-off
+        return t.finish(A, B), ModuleReport(first.name, rank_in, k)
+    A_k, B_k = factored.truncate(k)
     total, tail = factored.energy, factored.tail_energy(k)
     energy_kept = 1.0 if total == 0 else 1.0 - tail / total
-    return t.finish(A, B), ModuleReport(first.name, rank_in, k, energy_kept, relative(tail, total))
+    return t.finish(A_k, B_k), ModuleReport(first.name, rank_in, k, energy_kept, relative(tail, total))
 
 
 def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
