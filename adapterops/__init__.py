@@ -28,6 +28,7 @@ from adapterops.errors import (
     OutputBusyError,
     OutputExistsError,
     OutputWriteError,
+    RankCapWarning,
     RecipeError,
     UnsupportedAdapterError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "OutputBusyError",
     "OutputExistsError",
     "OutputWriteError",
+    "RankCapWarning",
     "RecipeError",
     "UnsupportedAdapterError",
     "__version__",

@@ -158,7 +158,10 @@ class ModuleReport:
     """What an operation did to one module: ranks in and out and the share of dW it kept.
 
     ``energy_kept`` is ||dW_out||_F^2 / ||dW_exact||_F^2 restricted to the kept singular values,
-    ``rel_error`` is ||dW_out - dW_exact||_F / ||dW_exact||_F (0 for exact results).
+    ``rel_error`` is ||dW_out - dW_exact||_F / ||dW_exact||_F (0 for exact results). ``note`` says
+    why the rank is not what was asked for (``capped at full rank 6: asked rank 16, ...``).
+    ``tails`` is internal to budgets: ||dW_exact - dW_i||_F^2 for i = 0..rank_out, while the module
+    waits for the rank a budget over all modules gives it (``ops.budget``); empty otherwise.
     """
 
     name: str
@@ -168,9 +171,12 @@ class ModuleReport:
     rel_error: float = 0.0
     solver: Solver = Solver.FACTORS
     seconds: float = 0.0  # time spent on this module, where an operation measures it
+    note: str | None = None
+    tails: tuple[float, ...] = field(default=(), repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "solver": Solver(self.solver).value}
+        fields = {k: v for k, v in self.__dict__.items() if k != "tails"}
+        return {**fields, "solver": Solver(self.solver).value}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,21 @@ from adapterops._version import __version__
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 LINEAGE_START = "<!-- adapterops lineage: start (rewritten by adapterops; text outside it is kept) -->"
 LINEAGE_END = "<!-- adapterops lineage: end -->"
-_FIELDS = ("operation", "method", "weights", "rank", "energy", "sv_ratio", "by", "form", "base", "summary")
+_FIELDS = (
+    "operation",
+    "method",
+    "weights",
+    "rank",
+    "energy",
+    "sv_ratio",
+    "max_rank",
+    "budget_params",
+    "budget_error",
+    "by",
+    "form",
+    "base",
+    "summary",
+)
 
 
 def render_card(

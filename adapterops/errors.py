@@ -103,3 +103,7 @@ class OutputWriteError(AdapterOpsError, OSError):
 
 class ApproximationWarning(UserWarning):
     """An operation returned something other than the exact result, on request; the error is reported."""
+
+
+class RankCapWarning(UserWarning):
+    """A rank target asked for more than some modules hold; they keep their full rank, each with a note."""

@@ -14,7 +14,9 @@ signatures). This module imports no torch: ``adapterops --help`` reads it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import MISSING, Field, dataclass, field, fields
+from decimal import Decimal, InvalidOperation
 from enum import Enum
 from typing import Any
 
@@ -79,6 +81,39 @@ class MergeDtype(str, Enum):
 
 
 WEIGHTS = "weights"  # the ``type`` of a per-input weights option: numbers on the CLI, weight specs in recipes
+COUNT = "count"  # the ``type`` of a count option: an int, or a string with a suffix (20M, 1.5G, 500K)
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+_COUNT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*$")
+
+
+def parse_count(value: object, name: str) -> int:
+    """A whole number given as an int or a string with an SI suffix: K = 10^3, M = 10^6, G = 10^9.
+
+    Example: ``parse_count("1.5G", "budget_params")`` -> 1500000000; ``"20M"`` -> 20000000;
+    ``"1.0005K"`` is an error (not a whole number).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise InvalidInputError(
+            f"{param(name)} must be a whole number such as 20000000 or 20M, got {value!r}"
+        )
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise InvalidInputError(f"{param(name)} must be a whole number, got {value!r}")
+        return int(value)
+    match = _COUNT.match(value)
+    try:
+        number = Decimal(match.group(1)) * _SUFFIXES[match.group(2).upper()] if match else None
+    except InvalidOperation:
+        number = None
+    if number is None or number != number.to_integral_value():
+        raise InvalidInputError(
+            f"{param(name)} must be a whole number, optionally with a suffix K, M or G (20M, 1.5G, 500K), "
+            f"got {value!r}"
+        )
+    return int(number)
 
 
 def option(
@@ -122,6 +157,10 @@ def _check_fields(record: object) -> None:
                 raise InvalidInputError(
                     f"unknown {param(f.name)} {value!r}; choose one of {choices}"
                 ) from None
+        elif kind == COUNT:
+            value = parse_count(value, f.name)
+            if meta["min"] is not None and value < meta["min"]:
+                raise InvalidInputError(f"{param(f.name)} must be >= {meta['min']:g}, got {value}")
         elif kind in (int, float):
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if ok and kind is int and not float(value).is_integer():
@@ -153,18 +192,38 @@ def target_hint() -> str:
     return f"{param('rank', 'K')}, {param('energy', 'F')} or {param('sv_ratio', 'R')}"
 
 
+def budget_hint() -> str:
+    """The other targets: a rank cap alone, or a budget over all modules, spelled for the caller."""
+    return (
+        f"{param('max_rank', 'K')} alone, or a budget over all modules: {param('budget_params', 'N')} "
+        f"or {param('budget_error', 'E')}"
+    )
+
+
+# the rules that choose each module's rank (at most one); ``max_rank`` caps any of them
+RULES = ("rank", "energy", "sv_ratio", "budget_params", "budget_error")
+BUDGETS = ("budget_params", "budget_error")
+
+
 # ---------------------------------------------------------------------------------------------- records
 
 
 @dataclass(frozen=True)
 class RankTarget:
-    """How many singular values to keep per module: at most one of ``rank``, ``energy``, ``sv_ratio``.
+    """How many singular values to keep per module.
 
-    None of them means the exact result (its numerical rank).
+    At most one rule: ``rank``, ``energy`` or ``sv_ratio`` per module, or a budget over all modules
+    (``budget_params``: the total LoRA parameters; ``budget_error``: the total relative error);
+    ``max_rank`` caps whichever applies (alone: each module's numerical rank, capped). None at all
+    means the exact result (its numerical rank). docs/math.md, "Choosing k".
     """
 
     rank: int | None = option(
-        None, "Keep the top K singular values per module.", type=int, min=1, metavar="K"
+        None,
+        "Keep the top K singular values per module (at most the module's own rank: noted when capped).",
+        type=int,
+        min=1,
+        metavar="K",
     )
     energy: float | None = option(
         None,
@@ -182,24 +241,72 @@ class RankTarget:
         min=1,
         metavar="R",
     )
+    max_rank: int | None = option(
+        None,
+        "Cap every module's rank at K: with --energy, --sv-ratio or a budget, or alone (each module's "
+        "exact rank, capped).",
+        type=int,
+        min=1,
+        metavar="K",
+    )
+    budget_params: int | None = option(
+        None,
+        "Total LoRA parameters (lora_A and lora_B) over all modules, e.g. 20M, 1.5G, 500K: ranks chosen to "
+        "minimize the total squared error.",
+        type=COUNT,
+        min=1,
+        metavar="N",
+    )
+    budget_error: float | None = option(
+        None,
+        "Total relative error over all modules, sqrt(sum ||dW - dW_k||^2 / sum ||dW||^2): the fewest "
+        "parameters that reach it.",
+        type=float,
+        min=0,
+        max=1,
+        min_open=True,
+        metavar="E",
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
-        given = [n for n in ("rank", "energy", "sv_ratio") if getattr(self, n) is not None]
+        given = [n for n in RULES if getattr(self, n) is not None]
+        budgets = [n for n in given if n in BUDGETS]
+        if len(budgets) > 1:
+            raise InvalidInputError(
+                f"give one of {param('budget_params', 'N')} or {param('budget_error', 'E')}, not both"
+            )
+        if budgets and len(given) > 1:
+            others = " and ".join(param(n) for n in given if n not in BUDGETS)
+            raise InvalidInputError(
+                f"{param(budgets[0])} chooses every module's rank over the whole adapter: drop {others} "
+                f"(only {param('max_rank', 'K')} combines with a budget)"
+            )
         if len(given) > 1:
             raise InvalidInputError(f"give one of {target_hint()}, not {' and '.join(map(param, given))}")
+        if self.rank is not None and self.max_rank is not None:
+            raise InvalidInputError(
+                f"{param('max_rank')} caps {param('energy')}, {param('sv_ratio')}, a budget or the exact rank; "
+                f"with {param('rank', self.rank)} it has nothing to cap: give one of them"
+            )
 
     @property
     def is_exact(self) -> bool:
-        return self.rank is None and self.energy is None and self.sv_ratio is None
+        """No target at all: the exact result (max_rank counts as a target)."""
+        return not self.target()
+
+    @property
+    def is_global(self) -> bool:
+        """A budget: the ranks are chosen over all modules together, not module by module."""
+        return self.budget_params is not None or self.budget_error is not None
 
     def target(self) -> dict[str, Any]:
-        """The one target that is set, as a dict (empty when exact), for records and reports."""
-        return {n: getattr(self, n) for n in ("rank", "energy", "sv_ratio") if getattr(self, n) is not None}
+        """The target's fields that are set, as a dict (empty when exact), for records and reports."""
+        return {n: getattr(self, n) for n in (*RULES, "max_rank") if getattr(self, n) is not None}
 
     def _require_target(self, verb: str) -> None:
         if self.is_exact:
-            raise InvalidInputError(f"{verb} needs a target: give {target_hint()}")
+            raise InvalidInputError(f"{verb} needs a target: give {target_hint()}; or {budget_hint()}")
 
 
 _BASE_HELP = "Base checkpoint (dir or Hub id): needed for DoRA inputs and --form dora."
@@ -225,9 +332,9 @@ class CombineOptions(RankTarget):
     method: Method = option(
         Method.EXACT,
         "exact: the weighted sum at its numerical rank. cat: concatenated factors. svd: best rank-K "
-        "form (needs --rank/--energy/--sv-ratio). linear: PEFT's approximation. ties, dare_linear, "
-        "dare_ties, magnitude_prune: sparsify each module's update (needs --density), then factor it "
-        "at the sum of the input ranks or --rank/--energy/--sv-ratio.",
+        "form (needs --rank, --energy, --sv-ratio, --max-rank or a budget). linear: PEFT's approximation. "
+        "ties, dare_linear, dare_ties, magnitude_prune: sparsify each module's update (needs --density), "
+        "then factor it at the sum of the input ranks or at that target.",
         type=Method,
     )
     density: float | None = option(
@@ -257,10 +364,11 @@ class CombineOptions(RankTarget):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method is Method.SVD and self.is_exact:
-            raise InvalidInputError(f"method svd needs a target: give {target_hint()}")
+            raise InvalidInputError(f"method svd needs a target: give {target_hint()}; or {budget_hint()}")
         if self.method not in (Method.SVD, *SPARSIFYING) and not self.is_exact:
             raise InvalidInputError(
-                f"{param('rank')}/{param('energy')}/{param('sv_ratio')} apply to methods svd, "
+                f"{' and '.join(map(param, self.target()))} {'applies' if len(self.target()) == 1 else 'apply'} "
+                "to methods svd, "
                 f"{', '.join(m.value for m in SPARSIFYING)}, not {self.method.value}"
             )
         if self.method in SPARSIFYING and self.density is None:

@@ -17,9 +17,16 @@ from pathlib import Path
 from typing import Any, cast
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, ModuleReport
-from adapterops.errors import ApproximationWarning, InvalidInputError, UnsupportedAdapterError, param
+from adapterops.errors import (
+    ApproximationWarning,
+    InvalidInputError,
+    RankCapWarning,
+    UnsupportedAdapterError,
+    param,
+)
 from adapterops.io import load_adapter
 from adapterops.io.checkpoint import BaseWeights, Checkpoint
+from adapterops.ops.budget import apply_budget
 from adapterops.ops.combine import (
     Terms,
     Weight,
@@ -30,7 +37,7 @@ from adapterops.ops.combine import (
     result_adapter,
 )
 from adapterops.ops.dora import row_norms, sum_as_dora, sum_as_lora
-from adapterops.ops.lowrank import RankPolicy
+from adapterops.ops.lowrank import FULL_RANK, RankPolicy
 from adapterops.ops.sparsify import Sparsity
 from adapterops.options import (
     RANDOM,
@@ -41,6 +48,7 @@ from adapterops.options import (
     MajoritySign,
     Method,
     NegateOptions,
+    RankTarget,
     ResizeOptions,
     ScaleOptions,
     ToDoraOptions,
@@ -70,6 +78,9 @@ def combine(
     rank: int | None = None,
     energy: float | None = None,
     sv_ratio: float | None = None,
+    max_rank: int | None = None,
+    budget_params: int | str | None = None,
+    budget_error: float | None = None,
     density: float | None = None,
     majority_sign: MajoritySign | str | None = None,
     seed: int | None = None,
@@ -86,10 +97,18 @@ def combine(
         weights: one per adapter (default 1 each); a weight may be a function of the module name
             (per-module filters, layer gradients: see ``adapterops.recipe``).
         method: ``exact`` (the sum at its numerical rank), ``cat``, ``svd`` (best rank-k; needs
-            ``rank``, ``energy`` or ``sv_ratio``), ``linear`` (PEFT's approximation, warns), or
+            a target below), ``linear`` (PEFT's approximation, warns), or
             ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: each module's dense updates
             s_i B_i A_i sparsified and merged (docs/math.md), then factored at rank sum of input ranks
-            (or ``rank``/``energy``/``sv_ratio``), the error in the report. LoRA inputs only.
+            (or the target below), the error in the report. LoRA inputs only.
+        rank, energy, sv_ratio: one rule per module: the top ``rank`` singular values (capped at what a
+            module holds, with a note and a ``RankCapWarning``), the fewest holding ``energy`` of
+            ||dW||^2, or those within ``sv_ratio`` of the largest.
+        max_rank: caps any rule (or alone: each module's numerical rank, capped).
+        budget_params, budget_error: a budget over all modules instead of a rule per module: the
+            total LoRA parameters (an int, or a string such as ``"20M"``), or the total relative error;
+            the ranks minimize the total squared error (docs/math.md, "Choosing k"), and
+            ``provenance["budget"]`` holds the totals.
         density: for those four, the fraction of each update's entries kept (0 < density <= 1).
         majority_sign: ``ties``/``dare_ties``: ``total`` (default) or ``frequency``.
         seed: ``dare_*``: the random drop's seed (default 0), combined with each module's name.
@@ -118,6 +137,9 @@ def combine(
         rank=rank,
         energy=energy,
         sv_ratio=sv_ratio,
+        max_rank=max_rank,
+        budget_params=cast(int, budget_params),  # the record parses "20M"
+        budget_error=budget_error,
         density=density,
         majority_sign=cast(MajoritySign, majority_sign),
         seed=seed,
@@ -140,6 +162,7 @@ def combine(
         )
     record.update(weights=[getattr(w, "spec", w) if callable(w) else w for w in checked])
     record.update(opts.target())
+    _warn_capped(result.report, opts)
     if opts.method in SPARSIFYING:
         sparsity = _sparsity(opts)
         record.update(density=sparsity.density)
@@ -190,17 +213,32 @@ def resize(
     rank: int | None = None,
     energy: float | None = None,
     sv_ratio: float | None = None,
+    max_rank: int | None = None,
+    budget_params: int | str | None = None,
+    budget_error: float | None = None,
     progress: Progress | None = None,
 ) -> Adapter:
     """Best low-rank form of each module of one LoRA adapter (Eckart-Young on dW, from the factors).
 
-    Exactly one of ``rank``, ``energy`` (fraction of ||dW||_F^2 to keep) or ``sv_ratio`` (keep
-    singular values within this factor of the largest). Modules already at or below the target rank
-    are re-factored losslessly. A DoRA adapter is refused: convert it with ``to_lora``.
+    One rule per module: ``rank`` (a module holding less keeps what it has, with a note and a
+    ``RankCapWarning``), ``energy`` (fraction of ||dW||_F^2 to keep) or ``sv_ratio`` (keep singular
+    values within this factor of the largest); or a budget over all modules: ``budget_params`` (total
+    LoRA parameters, an int or ``"20M"``) or ``budget_error`` (total relative error), the ranks chosen
+    to minimize the total squared error (docs/math.md), the totals in ``provenance["budget"]``.
+    ``max_rank`` caps any of them, or alone each module's exact rank. Modules already at or below the
+    target rank are re-factored losslessly. A DoRA adapter is refused: convert it with ``to_lora``.
 
-    Example: ``resize("./big", rank=8)``: every module at rank <= 8, its error in the report.
+    Example: ``resize("./big", rank=8)``: every module at rank <= 8, its error in the report;
+    ``resize("./big", budget_params="20M")``: at most 20,000,000 parameters, the least total error.
     """
-    opts = ResizeOptions(rank=rank, energy=energy, sv_ratio=sv_ratio)
+    opts = ResizeOptions(
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        max_rank=max_rank,
+        budget_params=cast(int, budget_params),  # the record parses "20M"
+        budget_error=budget_error,
+    )
     loaded = as_adapter(adapter)
     if loaded.is_dora:
         raise UnsupportedAdapterError(
@@ -211,7 +249,9 @@ def resize(
     modules, reports = map_modules(
         [loaded], [1.0], lambda _, terms: combine_module(terms, Method.SVD, policy), progress
     )
-    record = operation_record("resize", [loaded], **opts.target())
+    modules, reports, totals = _ranked(modules, reports, opts)
+    record = operation_record("resize", [loaded], **opts.target(), budget=totals)
+    _warn_capped(reports, opts)
     return replace(result_adapter([loaded], modules, reports), provenance=record)
 
 
@@ -244,18 +284,32 @@ def to_lora(
     rank: int | None = None,
     energy: float | None = None,
     sv_ratio: float | None = None,
+    max_rank: int | None = None,
+    budget_params: int | str | None = None,
+    budget_error: float | None = None,
     exact_limit: int = 1024,
     progress: Progress | None = None,
 ) -> Adapter:
     """Best low-rank LoRA of each DoRA module's effective update dW_eff (see ``ops.dora``).
 
-    One of ``rank``, ``energy``, ``sv_ratio`` sets the rank per module. Modules whose smaller side is
-    at most ``exact_limit`` get an exact SVD; larger ones a randomized one. Each module's report
-    says which, and its exact relative error.
+    One of ``rank``, ``energy``, ``sv_ratio`` sets the rank per module, or a budget over all modules
+    (``budget_params``, ``budget_error``, as for ``resize``; each module's rank at most ``max_rank``,
+    else the DoRA's own rank); ``max_rank`` caps any of them, or alone is the rank of every module.
+    Modules whose smaller side is at most ``exact_limit`` get an exact SVD; larger ones a randomized
+    one. Each module's report says which, and its exact relative error.
 
     Example: ``to_lora("./dora", "./base", rank=16)``; ``max(r.rel_error for r in out.report)``.
     """
-    opts = ToLoraOptions(rank=rank, energy=energy, sv_ratio=sv_ratio, base=base, exact_limit=exact_limit)
+    opts = ToLoraOptions(
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        max_rank=max_rank,
+        budget_params=cast(int, budget_params),  # the record parses "20M"
+        budget_error=budget_error,
+        base=base,
+        exact_limit=exact_limit,
+    )
     loaded = as_adapter(adapter)
     if not loaded.is_dora:
         raise InvalidInputError(f"{loaded.describe()} is not a DoRA adapter (no lora_magnitude_vector)")
@@ -266,6 +320,7 @@ def to_lora(
     result, record = _sum([loaded], [1.0], combined, progress)
     record.pop("method", None)
     record.update(opts.target())
+    _warn_capped(result.report, opts)
     return replace(result, provenance=operation_record("to-lora", [loaded], **record))
 
 
@@ -296,7 +351,8 @@ def _sum(
             lambda _, terms: combine_module(terms, opts.method, policy, sparsity, opts.exact_limit),
             progress,
         )
-        return result_adapter(adapters, modules, reports), {"method": opts.method.value}
+        modules, reports, totals = _ranked(modules, reports, opts)
+        return result_adapter(adapters, modules, reports), {"method": opts.method.value, "budget": totals}
 
     if opts.base is None:
         dora = next(a for a in adapters if a.is_dora)
@@ -328,6 +384,7 @@ def _sum(
     modules, reports = map_modules(adapters, weights, one, progress)
     if not all(math.isfinite(r.rel_error) for r in reports):
         raise InvalidInputError("the result has non-finite values; check the base weights and the magnitudes")
+    modules, reports, totals = _ranked(modules, reports, opts)
     if form is Form.LORA and dora_inputs and opts.method is Method.EXACT:
         worst = max(reports, key=lambda r: r.rel_error)
         warnings.warn(
@@ -337,10 +394,34 @@ def _sum(
             stacklevel=4,
         )
     method = "dora-exact" if form is Form.DORA else "dense-svd" if dora_inputs else "exact"
-    record = {"method": method, "base": checkpoint_record(base.checkpoint)}
+    record = {"method": method, "base": checkpoint_record(base.checkpoint), "budget": totals}
     if form is Form.DORA:
         record["form"] = Form.DORA.value
     return result_adapter(adapters, modules, reports), record
+
+
+def _ranked(
+    modules: dict[str, LoraModule], reports: tuple[ModuleReport, ...], target: RankTarget
+) -> tuple[dict[str, LoraModule], tuple[ModuleReport, ...], dict[str, Any] | None]:
+    """With a budget, every module's rank chosen over all of them (``ops.budget``), and the totals."""
+    if not target.is_global:
+        return modules, reports, None
+    return apply_budget(modules, reports, target)
+
+
+def _warn_capped(reports: Sequence[ModuleReport], target: RankTarget) -> None:
+    """One warning naming the modules whose asked rank was above what they hold (the notes say each)."""
+    capped = [r for r in reports if r.note and r.note.startswith(FULL_RANK)]
+    if not capped:
+        return
+    listed = ", ".join(f"{r.name} ({r.rank_out})" for r in capped[:3])
+    more = f" and {len(capped) - 3} more" if len(capped) > 3 else ""
+    warnings.warn(
+        f"{len(capped)} module{'s' if len(capped) > 1 else ''} capped at {'their' if len(capped) > 1 else 'its'} "
+        f"full rank ({param('rank', target.rank)} asked for more): {listed}{more}; each one's report has a note",
+        RankCapWarning,
+        stacklevel=3,
+    )
 
 
 def _sparsity(opts: CombineOptions) -> Sparsity:

@@ -62,7 +62,9 @@ def test_merge_dry_run_plans_without_writing(tmp_path: Path) -> None:
 
 def test_python_errors_name_parameters_not_flags(tmp_path: Path) -> None:
     with pytest.raises(
-        ao.InvalidInputError, match=r"^resize needs a target: give rank=K, energy=F or sv_ratio=R$"
+        ao.InvalidInputError,
+        match=r"^resize needs a target: give rank=K, energy=F or sv_ratio=R; or max_rank=K alone, or a budget "
+        r"over all modules: budget_params=N or budget_error=E$",
     ):
         ao.resize(INPUTS / "style-a")
     with pytest.raises(ao.UnsupportedAdapterError, match=r"pass the base checkpoint \(base\)$"):

@@ -101,10 +101,10 @@ def test_negate_scale_resize_info(zoo: Zoo, tmp_path: Path) -> None:
             "arithmetic alone would be wrong; pass the base checkpoint (--base)\n",
         ),
         (
-            ["resize", "{a}", "--rank", "40", "-o", "{out}"],
+            ["resize", "{a}", "--budget-params", "20M", "--rank", "40", "-o", "{out}"],
             2,
-            "error: module model.layers.0.mlp.down_proj: rank 40 exceeds what a 32x64 update can have (32); "
-            "choose --rank 32 or less\n",
+            "error: --budget-params chooses every module's rank over the whole adapter: drop --rank (only "
+            "--max-rank K combines with a budget)\n",
         ),
         (["negate", "{missing}", "-o", "{out}"], 3, "error: {missing}: no such adapter directory\n"),
         (

@@ -157,7 +157,8 @@ def test_svd_combine_is_the_best_rank_k_of_the_sum(seed: int, k: int, w: float) 
         kk = min(k, len(S))
         optimal = float(S[kk:].pow(2).sum().sqrt())
         got = mix.modules[name]
-        assert got.rank == min(k, 7)
+        held = int(torch.linalg.matrix_rank(exact))  # 7, or 3 when w = 1 drops b: never padded with zeros
+        assert got.rank == min(k, held) and (reports[name].note is not None) == (k > held)
         error = float(torch.linalg.matrix_norm(got.delta(torch.float64) - exact))
         assert error == pytest.approx(optimal, rel=1e-6, abs=1e-9)
         assert reports[name].rel_error == pytest.approx(
@@ -283,9 +284,17 @@ def test_different_base_models_need_force() -> None:
     assert any("different base models" in str(w.message) for w in caught)
 
 
-def test_rank_beyond_the_module_is_refused() -> None:
-    with pytest.raises(ao.InvalidInputError, match=r"module layers.0.v_proj: rank 7 exceeds .* 6x10 update"):
-        ao.combine([random_adapter(0, rank=4), random_adapter(1, rank=4)], method="svd", rank=7)
+def test_rank_beyond_the_module_is_capped_at_its_full_rank_with_a_note() -> None:
+    with pytest.warns(
+        ao.RankCapWarning, match=r"^1 module capped at its full rank \(rank=7 asked for more\)"
+    ):
+        out = ao.combine([random_adapter(0, rank=4), random_adapter(1, rank=4)], method="svd", rank=7)
+    notes = {r.name: (r.rank_out, r.note) for r in out.report}
+    assert notes["layers.0.v_proj"] == (
+        6,
+        "capped at full rank 6: asked rank 7, a 6x10 update has rank at most 6",
+    )
+    assert all(note is None for name, (k, note) in notes.items() if name != "layers.0.v_proj")
 
 
 def test_dora_inputs_are_refused_until_base_aware_arithmetic_exists() -> None:
@@ -314,7 +323,7 @@ def test_modules_to_save_conflicts_are_refused_and_identical_copies_kept() -> No
         ({"method": "svd"}, "method svd needs a target"),
         (
             {"method": "cat", "rank": 2},
-            "apply to methods svd, ties, dare_linear, dare_ties, magnitude_prune, not cat",
+            "rank applies to methods svd, ties, dare_linear, dare_ties, magnitude_prune, not cat",
         ),
         ({"method": "knots"}, "unknown method 'knots'; choose one of exact, cat, svd, linear, ties"),
         ({"weights": [1.0, float("nan")]}, "weights must be finite numbers"),

@@ -334,6 +334,19 @@ steps:
         assert torch.equal(got.modules[name].A, module.A) and module.rank == 3
 
 
-def test_a_rank_above_a_modules_full_rank_names_the_module(zoo: Zoo) -> None:
-    with pytest.raises(ao.InvalidInputError, match=r"module .*v_proj: rank 20 exceeds what a 16x32 update"):
-        ao.combine([zoo["llama_a"]], method="ties", density=0.5, rank=20)
+def test_a_rank_above_a_modules_full_rank_is_capped_there_with_a_note(zoo: Zoo) -> None:
+    with pytest.warns(
+        ao.RankCapWarning, match=r"2 modules capped at their full rank \(rank=20 asked for more\)"
+    ):
+        out = ao.combine([zoo["llama_a"]], method="ties", density=0.5, rank=20)
+    for r in out.report:
+        dense = out.modules[r.name].delta(torch.float64)
+        assert r.rank_out == int(torch.linalg.matrix_rank(dense)) == out.modules[r.name].rank
+        if "v_proj" in r.name:  # 16x32: at most rank 16, and a trimmed row can lower it
+            assert r.rank_out <= 16 and r.note == f"capped at full rank {r.rank_out}: " + (
+                "asked rank 20, a 16x32 update has rank at most 16"
+                if r.rank_out == 16
+                else f"asked rank 20, the result has rank {r.rank_out}"
+            )
+        else:
+            assert r.rank_out == 20 and r.note is None

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from adapterops.options import WEIGHTS, WriteOptions, option_fields
+from adapterops.options import COUNT, WEIGHTS, WriteOptions, option_fields
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -27,6 +27,8 @@ def click_option(f: Field[Any], *, help: str | None = None) -> Decorator:
         return click.option("-w", "--weights", f.name, type=float, multiple=True, help=text)
     if kind is bool:
         return click.option(flag, f.name, is_flag=True, help=text)
+    if kind == COUNT:  # "20M" stays text here: the record parses and checks it, one error line
+        return click.option(flag, f.name, type=str, metavar=meta["metavar"], help=text)
     kwargs: dict[str, Any] = {"help": text, "metavar": meta["metavar"], "required": meta["required"]}
     default = None if f.default is MISSING else f.default
     if isinstance(kind, type) and issubclass(kind, Enum):

@@ -45,6 +45,7 @@ def combine(adapters: tuple[str, ...], **kwargs: Any) -> None:
     Examples:
       adapterops combine ./style-a ./style-b --weights 0.7 0.3 -o ./mix
       adapterops combine a b c --weights 0.5 -0.4 1.2 --method svd --rank 16 -o ./mix16
+      adapterops combine a b --method svd --budget-params 20M -o ./mix20m
       adapterops combine org/a@v2 org/b -w 1 -w 1 --method cat -o ./both
       adapterops combine ./dora-a ./lora-b --weights 0.6 0.4 --base ./base -o ./mix
       adapterops combine ./dora-a ./dora-b --weights 0.5 0.5 --base ./base --form dora -o ./mix
@@ -101,11 +102,18 @@ def scale(adapter: str, **kwargs: Any) -> None:
 def resize(adapter: str, **kwargs: Any) -> None:
     """Truncate each module to its best low-rank form (SVD of dW, computed from the factors).
 
+    A rule per module (--rank, --energy, --sv-ratio), or a budget over all modules: --budget-params
+    (total LoRA parameters; the ranks that leave the least total squared error) or --budget-error
+    (the fewest parameters within that total relative error). --max-rank caps any of them.
+
     \b
     Examples:
       adapterops resize ./big --rank 8 -o ./small
       adapterops resize ./big --energy 0.99 -o ./small
       adapterops resize ./big --sv-ratio 20 -o ./small
+      adapterops resize ./big --energy 0.99 --max-rank 64 -o ./small
+      adapterops resize ./big --budget-params 20M -o ./small
+      adapterops resize ./big --budget-error 0.05 --max-rank 64 -o ./small
     """
     from adapterops import verbs
 
@@ -144,6 +152,7 @@ def to_lora(adapter: str, **kwargs: Any) -> None:
     Examples:
       adapterops to-lora ./dora --base ./base --rank 16 -o ./lora
       adapterops to-lora ./dora --base ./base --energy 0.999 -o ./lora
+      adapterops to-lora ./dora --base ./base --budget-params 2M --max-rank 32 -o ./lora
     """
     from adapterops import verbs
 
@@ -219,7 +228,7 @@ def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: An
     from adapterops.io import save_adapter
     from adapterops.report import summarize, summary_line
 
-    summary = summarize(adapter.report)
+    summary = summarize(adapter.report, (adapter.provenance or {}).get("budget"))
     argv = click.get_current_context().find_root().meta.get("argv", [])
     provenance = dict(adapter.provenance or {})
     provenance.update(command=recorded_command(argv), summary=summary_line(summary))
@@ -239,7 +248,7 @@ def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: An
         for r in adapter.report:
             out.line(
                 f"{r.name}: rank {r.rank_in} -> {r.rank_out}, energy kept {100 * r.energy_kept:.4f}%, "
-                f"relative error {r.rel_error:.3g}"
+                f"relative error {r.rel_error:.3g}" + (f" ({r.note})" if r.note else "")
             )
     out.line(f"wrote {output}: {summary_line(summary)}")
     if pushed:

@@ -34,6 +34,7 @@ import torch
 from adapterops.adapter import Adapter, LoraModule, ModuleReport
 from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, param
 from adapterops.ops.lowrank import (
+    LowRank,
     RankPolicy,
     best_low_rank,
     compute_dtype,
@@ -187,30 +188,40 @@ def from_factors(
     The one truncation path of every method whose result is exact on factors: the SVD of ``B @ A``
     from the factors (``svd_of_product``), k from ``policy`` (``reference``: the size of the terms the
     result was summed from, see ``numerical_rank``), factors in SVD order (B = U sqrt(S),
-    A = sqrt(S) Vh), the dropped energy reported. ``keep_full``: when nothing would be dropped, keep
-    ``B`` and ``A`` as given (no re-factoring round-off).
+    A = sqrt(S) Vh), the dropped energy reported. k never exceeds the numerical rank of ``B @ A``:
+    an asked rank above it is capped, with a note in the report (no zero directions are stored).
+    ``keep_full``: when nothing would be dropped, keep ``B`` and ``A`` as given (no re-factoring
+    round-off). With a budget (``policy.is_global``) the module keeps every direction up to max_rank
+    and its report the squared error at every rank (``tails``): ``ops.budget`` then chooses k over
+    all modules and slices the factors.
     """
     first, rank_in = t.first, t.rank_in
     shape = (first.out_features, first.in_features)
-    if policy.rank is not None and policy.rank > min(shape):
-        raise InvalidInputError(
-            f"module {first.name}: rank {policy.rank} exceeds what a {shape[0]}x{shape[1]} update can have "
-            f"({min(shape)}); choose {param('rank', min(shape))} or less"
-        )
     factored = svd_of_product(B, A)
-    k = policy.choose(factored.S, shape, reference)
+    pick = policy.pick(factored.S, shape, reference)
+    k = pick.k
     if k == 0:
         # zero to rounding (terms cancel): a rank-1 zero update keeps the module loadable by PEFT
+        tails = (factored.energy,) * 2 if policy.is_global else ()
         return t.finish(torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1])), ModuleReport(
-            first.name, rank_in, 1
+            first.name, rank_in, 1, tails=tails
         )
-    if keep_full and k == B.shape[1]:
+    if keep_full and k == B.shape[1] and not policy.is_global:
         # already full rank: the given factors are exact and avoid re-factoring round-off
         return t.finish(A, B), ModuleReport(first.name, rank_in, k)
     A_k, B_k = factored.truncate(k)
     total, tail = factored.energy, factored.tail_energy(k)
     energy_kept = 1.0 if total == 0 else 1.0 - tail / total
-    return t.finish(A_k, B_k), ModuleReport(first.name, rank_in, k, energy_kept, relative(tail, total))
+    report = ModuleReport(
+        first.name,
+        rank_in,
+        k,
+        energy_kept,
+        relative(tail, total),
+        note=pick.note,
+        tails=factored.tails(k) if policy.is_global else (),
+    )
+    return t.finish(A_k, B_k), report
 
 
 def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
@@ -236,27 +247,32 @@ def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
 
 def _sparsified(method: Method, t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
     """TIES/DARE/magnitude pruning of the dense updates s_i B_i A_i (``ops.sparsify``), then their
-    best rank-k form, k from ``policy`` or else the sum of the input ranks (at most full rank); the
-    error is measured against the dense merged update."""
+    best rank-k form, k from ``policy`` or else the sum of the input ranks (at most the rank of the
+    merged update); the error is measured against the dense merged update."""
     first = t.first
     if t.bias is not None:
         raise InvalidInputError(
             f"module {first.name}: an input has a lora_B bias (lora_bias=True); method {method.value} "
             "sparsifies weight updates only: use the default exact method or svd"
         )
-    full = min(first.out_features, first.in_features)
-    if policy.rank is not None and policy.rank > full:
-        raise InvalidInputError(
-            f"module {first.name}: rank {policy.rank} exceeds what a {first.out_features}x{first.in_features} "
-            f"update can have ({full}); choose {param('rank', full)} or less"
-        )
     deltas = [s * (b @ a) for s, a, b in zip(t.scales, t.As, t.Bs, strict=True)]
     merged = sparsified_sum(method, first.name, deltas, t.weights, t.sparsity)
-    if policy.is_exact:
-        policy = RankPolicy(rank=min(t.rank_in, *merged.shape))
-    low = best_low_rank(merged, policy, exact_limit=t.exact_limit)
-    report = ModuleReport(first.name, t.rank_in, low.A.shape[0], low.energy_kept, low.rel_error, low.solver)
-    return t.finish(low.A, low.B), report
+    low = best_low_rank(merged, policy, exact_limit=t.exact_limit, default=t.rank_in)
+    return t.finish(low.A, low.B), low_rank_report(first.name, t.rank_in, low)
+
+
+def low_rank_report(name: str, rank_in: int, low: LowRank) -> ModuleReport:
+    """The report of a module factored densely by ``best_low_rank``."""
+    return ModuleReport(
+        name,
+        rank_in,
+        low.A.shape[0],
+        low.energy_kept,
+        low.rel_error,
+        low.solver,
+        note=low.note,
+        tails=low.tails,
+    )
 
 
 def _ties(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:

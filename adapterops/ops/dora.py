@@ -16,7 +16,7 @@ import torch
 
 from adapterops.adapter import LoraModule, ModuleReport
 from adapterops.errors import InvalidInputError, UnsupportedAdapterError, param
-from adapterops.ops.combine import Terms, bias_sum, combine_module
+from adapterops.ops.combine import Terms, bias_sum, combine_module, low_rank_report
 from adapterops.ops.kernels import math_view
 from adapterops.ops.lowrank import RankPolicy, best_low_rank
 from adapterops.ops.rounding import round_to
@@ -94,8 +94,8 @@ def sum_as_lora(
 ) -> tuple[LoraModule, ModuleReport]:
     """sum_i w_i dW_eff_i (DoRA or LoRA terms) as a LoRA module: its best low-rank form.
 
-    W is the module's float64 base weight in math layout; the terms' layouts must match it. With an
-    exact ``policy`` the rank is the sum of the input ranks (capped by the shape). The report
+    W is the module's float64 base weight in math layout; the terms' layouts must match it. With no
+    rule in ``policy`` the rank is the sum of the input ranks (at most the rank of the sum). The report
     holds the exact relative error and the solver.
     """
     first = terms[0][1]
@@ -103,8 +103,7 @@ def sum_as_lora(
     for w, m in terms:
         total.add_(effective_delta(W, m), alpha=w)
     rank_in = sum(m.rank for _, m in terms)
-    target = policy if not policy.is_exact else RankPolicy(rank=min(rank_in, *W.shape))
-    low = best_low_rank(total, target, exact_limit=exact_limit)
+    low = best_low_rank(total, policy, exact_limit=exact_limit, default=rank_in)
     dtype = first.A.dtype
     bias = bias_sum(terms, torch.float64)
     module = replace(
@@ -115,9 +114,7 @@ def sum_as_lora(
         bias=None if bias is None else bias.to(dtype),
         magnitude=None,
     )
-    return module, ModuleReport(
-        first.name, rank_in, low.A.shape[0], low.energy_kept, low.rel_error, low.solver
-    )
+    return module, low_rank_report(first.name, rank_in, low)
 
 
 def sum_as_dora(W: torch.Tensor, terms: Terms) -> tuple[LoraModule, ModuleReport]:

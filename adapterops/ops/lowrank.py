@@ -16,23 +16,37 @@ an exact SVD for small matrices, a randomized range finder for large ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from adapterops.adapter import Solver
-from adapterops.errors import InvalidInputError, param
 from adapterops.options import RankTarget
+
+FULL_RANK = "capped at full rank"  # how a module's note starts when rank K asked for more than it holds
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A chosen rank, and why it is not what was asked for (None when it is)."""
+
+    k: int
+    note: str | None = None
 
 
 @dataclass(frozen=True)
 class RankPolicy(RankTarget):
-    """``RankTarget`` (at most one of ``rank``, ``energy``, ``sv_ratio``; checked there) as a rule.
+    """``RankTarget`` (one rule at most, checked there) as a rule for one module's rank.
 
-    - ``rank``: keep the top k.
+    - ``rank``: keep the top k; capped at what the module holds (its full rank, or the numerical
+      rank of a result exact on factors), with a note.
     - ``energy``: keep the fewest whose squared sum reaches this fraction of the total (0 < e <= 1).
     - ``sv_ratio``: keep those within this factor of the largest (S_0 / S_i <= ratio), as kohya's resize does.
-    None of them: keep the numerical rank (values above the rounding level of the compute dtype).
+    - a budget (``budget_params``, ``budget_error``): keep every direction the result has; the ranks
+      are chosen later over all modules together (``ops.budget``).
+    None of them: keep the numerical rank (values above the rounding level of the compute dtype), or a
+    caller's default. ``max_rank`` caps whichever applies. No rule ever keeps a direction beyond the
+    numerical rank: outputs are never padded with zero singular values.
 
     Example: S = [3, 2, 1], energy 0.9: squares 9, 4, 1 of 14; 9 + 4 = 13 >= 12.6, so k = 2.
     """
@@ -41,6 +55,66 @@ class RankPolicy(RankTarget):
         target = self.target()
         return " ".join(f"{k} {v}" for k, v in target.items()) if target else "numerical rank"
 
+    def bound(self, full: int, default: int | None = None) -> tuple[int | None, bool]:
+        """The most singular values this rule can keep of a matrix of rank at most ``full``, before
+        its spectrum is known, and whether that bound is the answer (up to the numerical rank).
+
+        ``(None, False)``: only the spectrum tells (energy or sv_ratio without max_rank).
+        """
+        if self.rank is not None:
+            return min(self.rank, full), True
+        cap = min(self.max_rank or full, full)
+        if self.energy is not None or self.sv_ratio is not None:
+            return (cap, False) if self.max_rank is not None else (None, False)
+        if default is not None and self.max_rank is None:
+            cap = min(default, full)
+        return cap, True
+
+    def pick(
+        self,
+        S: torch.Tensor,
+        shape: tuple[int, int],
+        reference: float | None = None,
+        total: float | None = None,
+        *,
+        default: int | None = None,
+    ) -> Pick:
+        """How many singular values to keep from the descending ``S`` of a ``shape`` matrix.
+
+        ``reference`` is the size of the terms the matrix was summed from (see ``numerical_rank``).
+        ``total`` is ||M||_F^2 when ``S`` holds only the leading values (randomized solvers); the
+        energy rule then may not be met within ``S``, and all of ``S`` is kept. ``default``: the rank
+        when no rule is set (a budget without max_rank keeps at most this many, too).
+        k is 0 only when the matrix is zero to rounding.
+        """
+        limit = numerical_rank(S, shape, reference)
+        if limit == 0:
+            return Pick(0)
+        if self.rank is not None:
+            return (
+                Pick(self.rank)
+                if self.rank <= limit
+                else Pick(limit, full_rank_note(self.rank, limit, shape))
+            )
+        rule = None
+        if self.energy is not None:
+            sq = S.double() ** 2
+            whole = float(sq.sum()) if total is None else total
+            reached = torch.nonzero(torch.cumsum(sq, 0) >= self.energy * whole * (1 - 1e-12))
+            k, rule = (int(reached[0]) + 1 if reached.numel() else S.numel()), f"energy {self.energy:g}"
+        elif self.sv_ratio is not None:
+            k, rule = int((S[0] / self.sv_ratio <= S).sum()), f"sv_ratio {self.sv_ratio:g}"
+        elif default is not None and self.max_rank is None:
+            k = default
+        else:
+            k = limit
+        k = max(1, min(k, limit))
+        if self.max_rank is not None and k > self.max_rank:
+            return Pick(
+                self.max_rank, f"max_rank {self.max_rank} kept: {rule} needs rank {k}" if rule else None
+            )
+        return Pick(k)
+
     def choose(
         self,
         S: torch.Tensor,
@@ -48,25 +122,26 @@ class RankPolicy(RankTarget):
         reference: float | None = None,
         total: float | None = None,
     ) -> int:
-        """Number of singular values to keep from the descending ``S`` of a ``shape`` matrix.
+        """``pick(...).k``: the number of singular values to keep."""
+        return self.pick(S, shape, reference, total).k
 
-        ``reference`` is the size of the terms the matrix was summed from (see ``numerical_rank``).
-        ``total`` is ||M||_F^2 when ``S`` holds only the leading values (randomized solvers); the
-        energy rule then may not be met within ``S``, and all of ``S`` is kept.
-        Returns 0 only when the matrix is zero to rounding.
-        """
-        if S.numel() == 0 or numerical_rank(S, shape, reference) == 0:
-            return 0
-        if self.rank is not None:
-            return min(self.rank, S.numel())
-        if self.energy is not None:
-            sq = S.double() ** 2
-            whole = float(sq.sum()) if total is None else total
-            reached = torch.nonzero(torch.cumsum(sq, 0) >= self.energy * whole * (1 - 1e-12))
-            return int(reached[0]) + 1 if reached.numel() else S.numel()
-        if self.sv_ratio is not None:
-            return max(1, int((S[0] / self.sv_ratio <= S).sum()))
-        return max(1, numerical_rank(S, shape, reference))
+
+def full_rank_note(asked: int, k: int, shape: tuple[int, int]) -> str:
+    """The note of a module whose asked rank was above what it holds.
+
+    Example: ``full_rank_note(16, 6, (6, 40))`` -> ``capped at full rank 6: asked rank 16, a 6x40
+    update has rank at most 6``.
+    """
+    if k == min(shape):
+        return f"{FULL_RANK} {k}: asked rank {asked}, a {shape[0]}x{shape[1]} update has rank at most {k}"
+    return f"{FULL_RANK} {k}: asked rank {asked}, the result has rank {k}"
+
+
+def suffix_energies(S: torch.Tensor, k: int) -> tuple[float, ...]:
+    """``(sum_{j>=i} S_j^2 for i = 0..k)``: the squared error of keeping i values, from the whole spectrum."""
+    sq = S.double() ** 2
+    tails = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])
+    return tuple(float(x) for x in tails[: k + 1])
 
 
 def numerical_rank(S: torch.Tensor, shape: tuple[int, int], reference: float | None = None) -> int:
@@ -100,6 +175,10 @@ class Factored:
 
     def tail_energy(self, k: int) -> float:
         return float((self.S[k:].double() ** 2).sum())
+
+    def tails(self, k: int) -> tuple[float, ...]:
+        """The squared error of the best rank-i approximation for i = 0..k (``suffix_energies``)."""
+        return suffix_energies(self.S, k)
 
     @property
     def energy(self) -> float:
@@ -141,49 +220,53 @@ def relative(part: float, whole: float) -> float:
 
 @dataclass(frozen=True)
 class LowRank:
-    """Factors of a rank-k approximation of a dense M, and how good it is."""
+    """Factors of a rank-k approximation of a dense M, in SVD order, and how good it is."""
 
     A: torch.Tensor  # (k, in)
     B: torch.Tensor  # (out, k)
     energy_kept: float  # ||B A||_F^2 / ||M||_F^2
     rel_error: float  # ||M - B A||_F / ||M||_F, computed exactly
     solver: Solver
+    note: str | None = None  # why k is not what was asked for (``Pick.note``)
+    tails: tuple[float, ...] = ()  # budgets: ||M - B[:, :i] A[:i]||_F^2 for i = 0..k, exact
 
 
-def best_low_rank(M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 1024, seed: int = 0) -> LowRank:
-    """Best rank-k approximation of a dense float64 matrix, k chosen by ``policy``.
+def best_low_rank(
+    M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 1024, seed: int = 0, default: int | None = None
+) -> LowRank:
+    """Best rank-k approximation of a dense float64 matrix, k chosen by ``policy`` (``default``: the
+    rank when the policy sets no rule, e.g. the sum of the input ranks).
 
     Matrices with min(out, in) <= ``exact_limit`` get a full float64 SVD (exact Eckart-Young).
     Larger ones get a randomized range finder with 4 power iterations in float32 (Halko, Martinsson,
     Tropp 2011), widened until the target is met, or replaced by the exact SVD once the sketch would
     be a quarter of the smaller side wide; the reported error is measured exactly either way.
+    With a budget (``policy.is_global``) the factors hold the leading directions up to max_rank (else
+    ``default``, else the full rank) and ``tails`` the exact squared error at every rank up to there:
+    the caller chooses k over all modules and slices the factors (``ops.budget``).
     """
     out, inp = M.shape
-    if policy.rank is not None and policy.rank > min(out, inp):
-        raise InvalidInputError(
-            f"rank {policy.rank} exceeds what a {out}x{inp} update can have ({min(out, inp)}); "
-            f"choose {param('rank', min(out, inp))} or less"
-        )
+    full = min(out, inp)
     total = float(M.pow(2).sum())
     if total == 0.0:
-        return LowRank(M.new_zeros(1, inp), M.new_zeros(out, 1), 1.0, 0.0, Solver.DENSE)
-    if min(out, inp) <= exact_limit:
+        tails = (0.0, 0.0) if policy.is_global else ()
+        return LowRank(M.new_zeros(1, inp), M.new_zeros(out, 1), 1.0, 0.0, Solver.DENSE, tails=tails)
+    bound, fixed = policy.bound(full, default)
+    if full <= exact_limit:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        k = _choose(policy, S, total, (out, inp))
-        return _factors(M, U[:, :k], S[:k], Vh[:k], total, Solver.DENSE)
-    width = (policy.rank or 32) + 16
+        return _result(M, policy, (U, S, Vh), total, Solver.DENSE, default)
+    width = (bound or 32) + 16
     generator = torch.Generator(device=M.device).manual_seed(seed)
     M32 = M.float()
     while True:
-        width = min(width, min(out, inp))
-        if policy.rank is None and 4 * width >= min(out, inp):  # as costly as the exact SVD by now
+        width = min(width, full)
+        if not fixed and 4 * width >= full:  # as costly as the exact SVD by now
             U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            k = _choose(policy, S, total, (out, inp))
-            return _factors(M, U[:, :k], S[:k], Vh[:k], total, Solver.DENSE)
+            return _result(M, policy, (U, S, Vh), total, Solver.DENSE, default)
         U, S, Vh = _randomized_svd(M32, width, generator)
-        k = _choose(policy, S, total, (out, inp))
-        if k < width - 8 or policy.rank is not None:
-            return _factors(M, U[:, :k].double(), S[:k].double(), Vh[:k].double(), total, Solver.RANDOMIZED)
+        k = policy.pick(S, (out, inp), total=total, default=default).k
+        if fixed or k < width - 8:
+            return _result(M, policy, (U.double(), S, Vh.double()), total, Solver.RANDOMIZED, default)
         width *= 2
 
 
@@ -197,9 +280,33 @@ def _randomized_svd(M: torch.Tensor, width: int, generator: torch.Generator) -> 
     return Q @ Ub, S, Vh
 
 
-def _choose(policy: RankPolicy, S: torch.Tensor, total: float, shape: tuple[int, int]) -> int:
-    """k from singular values S (possibly only the leading ones) and the exact total energy."""
-    return max(1, policy.choose(S, shape, total=total))
+def _result(
+    M: torch.Tensor,
+    policy: RankPolicy,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    total: float,
+    solver: Solver,
+    default: int | None,
+) -> LowRank:
+    """The rank ``policy`` picks from the (possibly leading part of the) SVD, its factors and errors."""
+    U, S, Vh = svd
+    pick = policy.pick(S, (int(M.shape[0]), int(M.shape[1])), total=total, default=default)
+    k = max(1, pick.k)
+    low = _factors(M, U[:, :k], S[:k].double(), Vh[:k], total, solver)
+    if not policy.is_global:
+        return replace(low, note=pick.note)
+    # a full spectrum gives every tail at once; a leading part needs them measured against M
+    tails = suffix_energies(S, k) if solver is Solver.DENSE else _tails(M, low.B, low.A, total)
+    return replace(low, note=pick.note, tails=tails)
+
+
+def _tails(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total: float) -> tuple[float, ...]:
+    """``||M - B[:, :i] A[:i]||_F^2`` for i = 0..k, exactly: ||M||^2 - 2 sum_{j<i} <M, b_j a_j>
+    + sum_{j,l<i} <b_j a_j, b_l a_l>, whether or not B and A are orthogonal to the last bit."""
+    inner = torch.cumsum(((B.T @ M) * A).sum(1), 0)
+    gram = ((B.T @ B) * (A @ A.T)).cumsum(0).cumsum(1).diagonal()
+    errors = (total - 2 * inner + gram).clamp(min=0.0)
+    return (total, *(float(x) for x in errors))
 
 
 def _factors(

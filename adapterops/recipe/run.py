@@ -96,7 +96,7 @@ def run_recipe(
             summary = f"{result.tensors_updated} tensors updated"
         else:
             made = _run_adapter_step(recipe, step, adapter, checkpoint)
-            summary = summary_line(summarize(made.report))
+            summary = summary_line(summarize(made.report, (made.provenance or {}).get("budget")))
             made = replace(
                 made,
                 provenance=dict(
@@ -174,7 +174,7 @@ def plan_recipe(recipe: Recipe | str | Path, output_dir: str | Path | None = Non
 
     ``recipe`` is a path or a loaded ``Recipe``. An adapter's size is estimated per module as
     rank x (out + in) x bytes per element, with the rank each verb produces at most (the target
-    rank, or the sum of the input ranks).
+    rank or max_rank, or the sum of the input ranks).
 
     Example:
         >>> [row["step"] for row in plan_recipe("recipes/blend-and-merge.yaml")]
@@ -217,7 +217,7 @@ def plan_recipe(recipe: Recipe | str | Path, output_dir: str | Path | None = Non
                 for module, (o, i, r, b) in shapes[ref].items():
                     previous = merged.get(module, (o, i, 0, b))
                     merged[module] = (o, i, previous[2] + r, b)
-            target = step.args.get("rank")
+            target = step.args.get("rank") or step.args.get("max_rank")  # a budget only lowers it further
             shapes[step.name] = {
                 m: (o, i, min(target or r, r if step.verb != "to_lora" else min(o, i), min(o, i)), b)
                 for m, (o, i, r, b) in merged.items()

@@ -37,7 +37,7 @@ from typing import Any
 
 from adapterops.errors import InvalidInputError, NotFoundError, RecipeError
 from adapterops.io.refs import parse_hub_id
-from adapterops.options import VERBS, WEIGHTS, WriteOptions, option_fields
+from adapterops.options import COUNT, VERBS, WEIGHTS, WriteOptions, option_fields, parse_count
 from adapterops.recipe.weights import check_weight_spec
 
 # the inputs each verb names (besides its options); True: a list of names
@@ -204,6 +204,11 @@ def _option(node: Any, spec: Any, path: Path, what: str) -> Any:
     kind = spec.metadata["type"]
     if kind == WEIGHTS:
         return _typed(node, list, path, what)
+    if kind == COUNT:  # an int, or a string such as 20M
+        try:
+            return parse_count(_typed(node, (int, str), path, what), spec.name)
+        except InvalidInputError as exc:
+            raise RecipeError(f"{path}:{_line(node)}: {what}: {exc}") from None
     if isinstance(kind, type) and issubclass(kind, Enum):
         value = _typed(node, str, path, what)
         choices = [m.value for m in kind]
