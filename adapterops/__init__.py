@@ -32,7 +32,7 @@ from adapterops.errors import (
     RecipeError,
     UnsupportedAdapterError,
 )
-from adapterops.options import Form, Method
+from adapterops.options import Form, Method, Space
 
 # public name -> module that defines it
 _LAZY = {
@@ -80,6 +80,7 @@ __all__ = [
     "OutputWriteError",
     "RankCapWarning",
     "RecipeError",
+    "Space",
     "UnsupportedAdapterError",
     "__version__",
     *_LAZY,

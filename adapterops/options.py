@@ -34,12 +34,30 @@ class Method(str, Enum):
     DARE_LINEAR = "dare_linear"
     DARE_TIES = "dare_ties"
     MAGNITUDE_PRUNE = "magnitude_prune"
+    TSV = "tsv"
+    ISO_C = "iso_c"
+    ISO_CTS = "iso_cts"
 
 
-# methods that sparsify each module's dense update, then factor it (docs/math.md, ops/sparsify.py)
+# methods that sparsify each module's update, in the space ``Space`` says (docs/math.md, ops/sparsify.py)
 SPARSIFYING = (Method.TIES, Method.DARE_LINEAR, Method.DARE_TIES, Method.MAGNITUDE_PRUNE)
 SIGN_ELECTING = (Method.TIES, Method.DARE_TIES)
 RANDOM = (Method.DARE_LINEAR, Method.DARE_TIES)
+# methods that build a new spectrum from the updates' singular vectors (ops/native.py)
+SPECTRAL = (Method.TSV, Method.ISO_C, Method.ISO_CTS)
+# methods whose result is not the weighted sum: LoRA inputs only, no lora_B bias, rank targets optional
+MERGING = (*SPARSIFYING, *SPECTRAL)
+
+
+class Space(str, Enum):
+    """Where a sparsifying method acts (docs/math.md): the dense updates s_i B_i A_i, their coordinates
+    in a shared basis (``core``: Core Space merging; ``knots``: KnOTS), or PEFT's factor-wise variant
+    (``peft-factors``: A and B separately, as PEFT's non-svd ``add_weighted_adapter`` does)."""
+
+    DENSE = "dense"
+    CORE = "core"
+    KNOTS = "knots"
+    PEFT_FACTORS = "peft-factors"
 
 
 class MajoritySign(str, Enum):
@@ -333,8 +351,10 @@ class CombineOptions(RankTarget):
         Method.EXACT,
         "exact: the weighted sum at its numerical rank. cat: concatenated factors. svd: best rank-K "
         "form (needs --rank, --energy, --sv-ratio, --max-rank or a budget). linear: PEFT's approximation. "
-        "ties, dare_linear, dare_ties, magnitude_prune: sparsify each module's update (needs --density), "
-        "then factor it at the sum of the input ranks or at that target.",
+        "ties, dare_linear, dare_ties, magnitude_prune: sparsify each module's update (needs --density; see "
+        "--space), then factor it at the sum of the input ranks or at that target. tsv: Task Singular Vectors "
+        "(TSV-M). iso_c, iso_cts: isotropic merging (Iso-C, Iso-CTS). All but exact, cat and linear take a "
+        "rank target.",
         type=Method,
     )
     density: float | None = option(
@@ -354,6 +374,23 @@ class CombineOptions(RankTarget):
     seed: int | None = option(
         None, "dare_linear, dare_ties: seed of the random drop (default 0).", type=int, min=0, metavar="N"
     )
+    space: Space | None = option(
+        None,
+        "ties, dare_*, magnitude_prune: where to sparsify. dense (default): each update s*B@A, then "
+        "factor it. core: in a shared core basis of the updates (Core Space merging), exact on factors. "
+        "knots: on the per-input right singular vectors of the stacked updates (KnOTS), exact on factors. "
+        "peft-factors: A and B separately, as PEFT's add_weighted_adapter (not the weighted sum; warns).",
+        type=Space,
+    )
+    common_fraction: float | None = option(
+        None,
+        "iso_cts: fraction of the merged directions taken from the weighted sum's common subspace "
+        "(default 0.8, the paper's); the rest are split among the inputs' task-specific directions.",
+        type=float,
+        min=0,
+        max=1,
+        metavar="F",
+    )
     allow_different_bases: bool = option(
         False, "Combine adapters whose configs name different base models.", type=bool
     )
@@ -365,22 +402,37 @@ class CombineOptions(RankTarget):
         super().__post_init__()
         if self.method is Method.SVD and self.is_exact:
             raise InvalidInputError(f"method svd needs a target: give {target_hint()}; or {budget_hint()}")
-        if self.method not in (Method.SVD, *SPARSIFYING) and not self.is_exact:
+        if self.method not in (Method.SVD, *MERGING) and not self.is_exact:
             raise InvalidInputError(
                 f"{' and '.join(map(param, self.target()))} {'applies' if len(self.target()) == 1 else 'apply'} "
-                "to methods svd, "
-                f"{', '.join(m.value for m in SPARSIFYING)}, not {self.method.value}"
+                f"to methods svd, {', '.join(m.value for m in MERGING)}, not {self.method.value}"
             )
         if self.method in SPARSIFYING and self.density is None:
             raise InvalidInputError(
                 f"method {self.method.value} needs {param('density', 'D')} (0 < D <= 1; 1 keeps every entry)"
             )
-        for name, methods in (("density", SPARSIFYING), ("majority_sign", SIGN_ELECTING), ("seed", RANDOM)):
+        for name, methods in (
+            ("density", SPARSIFYING),
+            ("majority_sign", SIGN_ELECTING),
+            ("seed", RANDOM),
+            ("space", SPARSIFYING),
+            ("common_fraction", (Method.ISO_CTS,)),
+        ):
             if getattr(self, name) is not None and self.method not in methods:
                 raise InvalidInputError(
                     f"{param(name)} applies to method {', '.join(m.value for m in methods)}, "
                     f"not {self.method.value}"
                 )
+        if self.is_global and self.method in (Method.ISO_C, Method.ISO_CTS):
+            raise InvalidInputError(
+                f"method {self.method.value} gives every kept direction the same singular value, so a budget "
+                f"has no error to trade between modules: give {target_hint()} or {param('max_rank', 'K')}"
+            )
+        if self.is_global and self.space is Space.PEFT_FACTORS:
+            raise InvalidInputError(
+                f"space peft-factors reproduces PEFT's factors, which a budget would change: drop "
+                f"{param('budget_params')}/{param('budget_error')} or use space dense, core or knots"
+            )
         _check_form(self.form, self.base)
         if self.form is Form.DORA and self.method is not Method.EXACT:
             raise InvalidInputError(f"a DoRA output is exact: drop {param('method')} and the rank target")

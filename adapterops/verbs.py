@@ -40,6 +40,7 @@ from adapterops.ops.dora import row_norms, sum_as_dora, sum_as_lora
 from adapterops.ops.lowrank import FULL_RANK, RankPolicy
 from adapterops.ops.sparsify import Sparsity
 from adapterops.options import (
+    MERGING,
     RANDOM,
     SIGN_ELECTING,
     SPARSIFYING,
@@ -51,6 +52,7 @@ from adapterops.options import (
     RankTarget,
     ResizeOptions,
     ScaleOptions,
+    Space,
     ToDoraOptions,
     ToLoraOptions,
 )
@@ -84,13 +86,16 @@ def combine(
     density: float | None = None,
     majority_sign: MajoritySign | str | None = None,
     seed: int | None = None,
+    space: Space | str | None = None,
+    common_fraction: float | None = None,
     allow_different_bases: bool = False,
     base: BaseRef | None = None,
     form: Form | str = Form.AUTO,
     exact_limit: int = 1024,
     progress: Progress | None = None,
 ) -> Adapter:
-    """The adapter whose update is ``sum_i weights[i] * dW_i`` for every module any input touches.
+    """The adapter whose update is ``sum_i weights[i] * dW_i`` for every module any input touches
+    (or, with a merging method, what that method makes of the weighted updates).
 
     Args:
         adapters: paths, Hub ids or ``Adapter`` objects.
@@ -100,7 +105,9 @@ def combine(
             a target below), ``linear`` (PEFT's approximation, warns), or
             ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: each module's dense updates
             s_i B_i A_i sparsified and merged (docs/math.md), then factored at rank sum of input ranks
-            (or the target below), the error in the report. LoRA inputs only.
+            (or the target below), the error in the report; ``tsv`` (TSV-M), ``iso_c`` and
+            ``iso_cts`` (isotropic merging), exact on factors at the result's numerical rank unless a
+            target says otherwise. LoRA inputs only.
         rank, energy, sv_ratio: one rule per module: the top ``rank`` singular values (capped at what a
             module holds, with a note and a ``RankCapWarning``), the fewest holding ``energy`` of
             ||dW||^2, or those within ``sv_ratio`` of the largest.
@@ -112,6 +119,10 @@ def combine(
         density: for those four, the fraction of each update's entries kept (0 < density <= 1).
         majority_sign: ``ties``/``dare_ties``: ``total`` (default) or ``frequency``.
         seed: ``dare_*``: the random drop's seed (default 0), combined with each module's name.
+        space: for those four, where they act: ``dense`` (default), ``core`` (Core Space merging) or
+            ``knots`` (KnOTS), both exact on factors, or ``peft-factors`` (PEFT's non-svd
+            ``add_weighted_adapter``, on A and B separately: not the weighted sum, so it warns).
+        common_fraction: ``iso_cts``: the share of directions from the common subspace (default 0.8).
         allow_different_bases: combine inputs whose configs name different base models (warns).
         base: the base checkpoint, needed when an input is DoRA.
         form: ``dora`` (with ``base``) returns a DoRA adapter, which holds any weighted sum of DoRA
@@ -143,6 +154,8 @@ def combine(
         density=density,
         majority_sign=cast(MajoritySign, majority_sign),
         seed=seed,
+        space=cast(Space, space),
+        common_fraction=common_fraction,
         allow_different_bases=allow_different_bases,
         base=base,
         form=cast(Form, form),
@@ -153,10 +166,12 @@ def combine(
         raise InvalidInputError("combine needs at least one adapter")
     checked = check_weights(weights, len(loaded))
     result, record = _sum(loaded, checked, opts, progress)
-    if opts.method is Method.LINEAR:
-        worst = max(r.rel_error for r in result.report)
+    if opts.method is Method.LINEAR or opts.space is Space.PEFT_FACTORS:
+        what = "method linear is" if opts.method is Method.LINEAR else "space peft-factors is"
+        worst = max(result.report, key=lambda r: r.rel_error)
         warnings.warn(
-            f"method linear is PEFT's approximation, not the weighted sum: worst module relative error {worst:.3g}",
+            f"{what} PEFT's approximation, not the weighted sum: worst module relative error "
+            f"{worst.rel_error:.3g} ({worst.name})",
             ApproximationWarning,
             stacklevel=2,
         )
@@ -165,11 +180,13 @@ def combine(
     _warn_capped(result.report, opts)
     if opts.method in SPARSIFYING:
         sparsity = _sparsity(opts)
-        record.update(density=sparsity.density)
+        record.update(density=sparsity.density, space=sparsity.space.value)
         if opts.method in SIGN_ELECTING:
             record.update(majority_sign=sparsity.majority_sign.value)
         if opts.method in RANDOM:
             record.update(seed=sparsity.seed)
+    if opts.method is Method.ISO_CTS:
+        record.update(common_fraction=_common_fraction(opts))
     return replace(result, provenance=operation_record("combine", loaded, **record))
 
 
@@ -337,18 +354,19 @@ def _sum(
     form = opts.form
     if form is Form.AUTO:
         form = Form.DORA if dora_inputs and opts.method is Method.EXACT else Form.LORA
-    if dora_inputs and opts.method in SPARSIFYING:
+    if dora_inputs and opts.method in MERGING:
         dora = next(a for a in adapters if a.is_dora)
+        verb = "sparsifies" if opts.method in SPARSIFYING else "merges"
         raise UnsupportedAdapterError(
-            f"{dora.describe()}: DoRA adapter (lora_magnitude_vector); method {opts.method.value} sparsifies "
+            f"{dora.describe()}: DoRA adapter (lora_magnitude_vector); method {opts.method.value} {verb} "
             "LoRA updates s*B@A, which a DoRA's update is not: convert it first with to-lora (and --base)"
         )
     if not dora_inputs and form is Form.LORA:
-        sparsity = _sparsity(opts)
+        sparsity, fraction = _sparsity(opts), _common_fraction(opts)
         modules, reports = map_modules(
             adapters,
             weights,
-            lambda _, terms: combine_module(terms, opts.method, policy, sparsity, opts.exact_limit),
+            lambda _, terms: combine_module(terms, opts.method, policy, sparsity, opts.exact_limit, fraction),
             progress,
         )
         modules, reports, totals = _ranked(modules, reports, opts)
@@ -430,7 +448,13 @@ def _sparsity(opts: CombineOptions) -> Sparsity:
         density=1.0 if opts.density is None else opts.density,
         majority_sign=opts.majority_sign or MajoritySign.TOTAL,
         seed=opts.seed or 0,
+        space=opts.space or Space.DENSE,
     )
+
+
+def _common_fraction(opts: CombineOptions) -> float:
+    """iso_cts's share of common directions: the option, or the paper's 0.8."""
+    return 0.8 if opts.common_fraction is None else opts.common_fraction
 
 
 def _single(

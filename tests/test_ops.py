@@ -323,7 +323,7 @@ def test_modules_to_save_conflicts_are_refused_and_identical_copies_kept() -> No
         ({"method": "svd"}, "method svd needs a target"),
         (
             {"method": "cat", "rank": 2},
-            "rank applies to methods svd, ties, dare_linear, dare_ties, magnitude_prune, not cat",
+            "rank applies to methods svd, ties, dare_linear, dare_ties, magnitude_prune, tsv, iso_c, iso_cts, not cat",
         ),
         ({"method": "knots"}, "unknown method 'knots'; choose one of exact, cat, svd, linear, ties"),
         ({"weights": [1.0, float("nan")]}, "weights must be finite numbers"),

@@ -81,7 +81,7 @@ BAD = [
     (
         "steps:\n  - name: m\n    combine: {inputs: [a], rnak: 4}\ninputs: {a: x}\n",
         3,
-        "unknown key 'rnak' in step 'm' (combine); allowed: allow_different_bases, base, budget_error, budget_params, density, energy, exact_limit, form, inputs, majority_sign, max_rank, method, rank, seed, sv_ratio, weights",
+        "unknown key 'rnak' in step 'm' (combine); allowed: allow_different_bases, base, budget_error, budget_params, common_fraction, density, energy, exact_limit, form, inputs, majority_sign, max_rank, method, rank, seed, space, sv_ratio, weights",
     ),
     (
         "inputs: {a: x}\nsteps:\n  - name: m\n    negate: {input: nope}\n",

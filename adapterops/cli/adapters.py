@@ -47,6 +47,8 @@ def combine(adapters: tuple[str, ...], **kwargs: Any) -> None:
       adapterops combine a b c --weights 0.5 -0.4 1.2 --method svd --rank 16 -o ./mix16
       adapterops combine a b --method svd --budget-params 20M -o ./mix20m
       adapterops combine org/a@v2 org/b -w 1 -w 1 --method cat -o ./both
+      adapterops combine a b --method ties --density 0.3 --space core -o ./core-ties
+      adapterops combine a b c --method iso_cts --common-fraction 0.8 -o ./iso
       adapterops combine ./dora-a ./lora-b --weights 0.6 0.4 --base ./base -o ./mix
       adapterops combine ./dora-a ./dora-b --weights 0.5 0.5 --base ./base --form dora -o ./mix
     """

@@ -13,9 +13,12 @@ with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Method
 - ``svd``: the best rank-k form of the exact sum (``lowrank.svd_of_product``), k from a ``RankPolicy``.
 - ``linear``: PEFT's ``linear`` combination, A = sum sign(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i.
   Not the weighted sum (it adds cross terms B_i A_j); offered for parity, its error is reported.
-- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: not a sum on factors; each module's
-  dense updates s_i B_i A_i are sparsified and merged (``ops.sparsify``), then the best rank-k form
-  of the merged update is kept (default k: the sum of the input ranks), its error reported.
+- ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: not a sum on factors; in the default
+  ``dense`` space each module's dense updates s_i B_i A_i are sparsified and merged
+  (``ops.sparsify``), then the best rank-k form of the merged update is kept (default k: the sum of
+  the input ranks), its error reported. The ``core``, ``knots`` and ``peft-factors`` spaces
+  (``options.Space``) sparsify on factors instead (``ops.native``), exact before any rank target.
+- ``tsv``, ``iso_c``, ``iso_cts``: new spectra from the updates' singular vectors (``ops.native``).
 
 DoRA modules are not handled here: their update depends on the base weight (``ops.dora``).
 Expert weights (``ModuleKind.PARAMETER``) need nothing special: each expert is a module of its own.
@@ -32,7 +35,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from adapterops.adapter import Adapter, LoraModule, ModuleReport
-from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, param
+from adapterops.errors import IncompatibleAdaptersError, InvalidInputError, UnsupportedAdapterError, param
+from adapterops.ops import native
 from adapterops.ops.lowrank import (
     LowRank,
     RankPolicy,
@@ -43,7 +47,7 @@ from adapterops.ops.lowrank import (
     svd_of_product,
 )
 from adapterops.ops.sparsify import Sparsity, sparsified_sum
-from adapterops.options import Method
+from adapterops.options import Method, Space
 
 Progress = Callable[[str], None]
 Weight = float | Callable[[str], float]  # a number, or a function of the module name
@@ -93,6 +97,11 @@ class Stacked:
     scales: list[float] = field(default_factory=list)
     sparsity: Sparsity = field(default_factory=Sparsity)
     exact_limit: int = 1024  # dense factoring: exact SVD up to this min(out, in) (``best_low_rank``)
+    common_fraction: float = 0.8  # iso_cts: share of the common subspace
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.first.out_features, self.first.in_features)
 
     @property
     def rank_in(self) -> int:
@@ -118,10 +127,12 @@ def combine_module(
     policy: RankPolicy,
     sparsity: Sparsity | None = None,
     exact_limit: int = 1024,
+    common_fraction: float = 0.8,
 ) -> tuple[LoraModule, ModuleReport]:
     """sum_i w_i s_i B_i A_i for one module, represented as ``method`` says (module docstring).
 
-    ``sparsity`` parameterizes the sparsifying methods; ``exact_limit`` is ``best_low_rank``'s.
+    ``sparsity`` parameterizes the sparsifying methods; ``exact_limit`` is ``best_low_rank``'s;
+    ``common_fraction`` is iso_cts's.
     """
     first = terms[0][1]
     rank_in = sum(m.rank for _, m in terms)
@@ -148,6 +159,7 @@ def combine_module(
         [m.scale for _, m in terms],
         sparsity or Sparsity(),
         exact_limit,
+        common_fraction,
     )
     return METHODS[method](stacked, policy)
 
@@ -248,13 +260,11 @@ def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
 def _sparsified(method: Method, t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
     """TIES/DARE/magnitude pruning of the dense updates s_i B_i A_i (``ops.sparsify``), then their
     best rank-k form, k from ``policy`` or else the sum of the input ranks (at most the rank of the
-    merged update); the error is measured against the dense merged update."""
+    merged update); the error is measured against the dense merged update. Other spaces: ``_in_space``."""
     first = t.first
-    if t.bias is not None:
-        raise InvalidInputError(
-            f"module {first.name}: an input has a lora_B bias (lora_bias=True); method {method.value} "
-            "sparsifies weight updates only: use the default exact method or svd"
-        )
+    _check_merging(method, t, policy)
+    if t.sparsity.space is not Space.DENSE:
+        return _in_space(method, t, policy)
     deltas = [s * (b @ a) for s, a, b in zip(t.scales, t.As, t.Bs, strict=True)]
     merged = sparsified_sum(method, first.name, deltas, t.weights, t.sparsity)
     low = best_low_rank(merged, policy, exact_limit=t.exact_limit, default=t.rank_in)
@@ -273,6 +283,93 @@ def low_rank_report(name: str, rank_in: int, low: LowRank) -> ModuleReport:
         note=low.note,
         tails=low.tails,
     )
+
+
+def _in_space(method: Method, t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """A sparsifying method in the core or knots space (exact on factors; any error reported is the
+    rank target's) or on the factors as PEFT does (its error against the weighted sum reported)."""
+    name, space = t.first.name, t.sparsity.space
+    unweighted = [s * b for s, b in zip(t.scales, t.Bs, strict=True)]
+    if space is Space.PEFT_FACTORS:
+        if t.first.target is not None:
+            raise UnsupportedAdapterError(
+                f"module {name}: LoRA on a parameter (target_parameters); PEFT's add_weighted_adapter refuses "
+                "those, so space peft-factors has nothing to match: use space dense, core or knots"
+            )
+        B, A = native.peft_factors(method, name, t.Bs, t.As, t.coeffs, t.sparsity)
+        module, report = from_factors(t, B, A, policy, _term_size(t), keep_full=True)
+        return module, replace(report, rel_error=_error_against_sum(t, module))
+    merge = native.core_space if space is Space.CORE else native.knots
+    B, A = merge(method, name, unweighted, t.As, t.weights, t.sparsity)
+    return from_factors(t, B, A, policy, _update_size(t, t.weights))
+
+
+def _tsv(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """TSV-M: the inputs' singular vectors, orthogonalized, with their singular values (exact on factors)."""
+    _check_merging(Method.TSV, t, policy)
+    B, A = native.tsv(_weighted(t), t.As)
+    return from_factors(t, B, A, policy, _update_size(t, t.coeffs))
+
+
+def _iso_c(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """Iso-C: the weighted sum's singular vectors with their mean singular value."""
+    _check_merging(Method.ISO_C, t, policy)
+    iso = native.iso_c(_weighted(t), t.As, policy, t.shape, _update_size(t, t.coeffs))
+    return _isotropic(t, iso)
+
+
+def _iso_cts(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
+    """Iso-CTS: common and task-specific directions, orthogonalized, with one mean singular value."""
+    _check_merging(Method.ISO_CTS, t, policy)
+    iso = native.iso_cts(_weighted(t), t.As, policy, t.common_fraction, t.shape, _update_size(t, t.coeffs))
+    return _isotropic(t, iso)
+
+
+def _isotropic(t: Stacked, iso: native.Isotropic) -> tuple[LoraModule, ModuleReport]:
+    """A flat spectrum has no best rank-k form: the rank target already chose the directions, so the
+    result is kept whole; the report gives the share of the input spectrum they span."""
+    module, report = from_factors(t, iso.B, iso.A, RankPolicy(), keep_full=True)
+    return module, replace(
+        report, energy_kept=iso.energy_kept, rel_error=relative(1.0 - iso.energy_kept, 1.0), note=iso.note
+    )
+
+
+def _check_merging(method: Method, t: Stacked, policy: RankPolicy) -> None:
+    """What every merging method (not a sum) refuses: a lora_B bias."""
+    first = t.first
+    if t.bias is not None:
+        raise InvalidInputError(
+            f"module {first.name}: an input has a lora_B bias (lora_bias=True); method {method.value} "
+            "merges weight updates only: use the default exact method or svd"
+        )
+
+
+def _weighted(t: Stacked) -> list[torch.Tensor]:
+    """c_i B_i: with ``t.As``, the factors of the weighted updates w_i dW_i."""
+    return [c * b for c, b in zip(t.coeffs, t.Bs, strict=True)]
+
+
+def _update_size(t: Stacked, factors: Sequence[float]) -> float:
+    """max_i |f_i| ||B_i A_i||_F: the size of the terms a result was merged from, for ``numerical_rank``;
+    a function of the updates, so the rank does not depend on how they were factored."""
+    return max(abs(f) * frobenius_norm_of_product(b, a) for f, a, b in zip(factors, t.As, t.Bs, strict=True))
+
+
+def _term_size(t: Stacked) -> float:
+    """max_i |c_i| ||B_i|| ||A_i||: the size of factor-wise terms (as ``_factored`` measures it)."""
+    return max(abs(c) * float(b.norm() * a.norm()) for c, a, b in zip(t.coeffs, t.As, t.Bs, strict=True))
+
+
+def _error_against_sum(t: Stacked, module: LoraModule) -> float:
+    """||dW_out - sum_i c_i B_i A_i||_F / ||sum_i c_i B_i A_i||_F for the written module, on factors."""
+    dtype = t.As[0].dtype
+    A_out, B_out = module.A.to(dtype), module.scale * module.B.to(dtype)
+    exact_B = _weighted(t)
+    exact = frobenius_norm_of_product(torch.cat(exact_B, dim=1), torch.cat(t.As, dim=0))
+    error = frobenius_norm_of_product(
+        torch.cat([B_out, *(-b for b in exact_B)], dim=1), torch.cat([A_out, *t.As], dim=0)
+    )
+    return error / exact if exact else (0.0 if error == 0 else math.inf)
 
 
 def _ties(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
@@ -305,6 +402,9 @@ METHODS: dict[Method, MethodFn] = {
     Method.DARE_LINEAR: _dare_linear,
     Method.DARE_TIES: _dare_ties,
     Method.MAGNITUDE_PRUNE: _magnitude_prune,
+    Method.TSV: _tsv,
+    Method.ISO_C: _iso_c,
+    Method.ISO_CTS: _iso_cts,
 }
 
 

@@ -30,16 +30,18 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterops.options import MajoritySign, Method
+from adapterops.options import MajoritySign, Method, Space
 
 
 @dataclass(frozen=True)
 class Sparsity:
-    """The parameters of a sparsifying method: the fraction kept, how signs are elected, the seed."""
+    """The parameters of a sparsifying method: the fraction kept, how signs are elected, the seed,
+    and the space it acts in (``Space``; ``ops.native`` for all but ``dense``)."""
 
     density: float = 1.0
     majority_sign: MajoritySign = MajoritySign.TOTAL
     seed: int = 0
+    space: Space = Space.DENSE
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
