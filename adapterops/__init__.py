@@ -4,6 +4,7 @@
     mix = ao.combine(["./style-a", "org/style-b@v2"], weights=[0.7, 0.3], method="svd", rank=16)
     ao.save_adapter(mix, "./mix")
     ao.merge("./base", [mix], out="./merged", push_to="me/merged")
+    lora = ao.extract("./my-finetune", "./base", rank=64)     # the LoRA closest to a fine-tune
     ao.run_recipe("recipes/blend-and-merge.yaml")
 
 The math convention (dW = scale * B @ A, shapes, layouts) is stated in ``adapterops.adapter``;
@@ -51,6 +52,7 @@ _LAZY = {
     "resize": "adapterops.verbs",
     "to_dora": "adapterops.verbs",
     "to_lora": "adapterops.verbs",
+    "extract": "adapterops.extraction",
     "merge": "adapterops.merging",
     "unmerge": "adapterops.merging",
     "plan_merge": "adapterops.merging",
@@ -102,6 +104,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names __getattr__ provides
     from adapterops.adapter import Adapter, LoraModule, ModuleKind, ModuleReport, Solver, Source
+    from adapterops.extraction import extract
     from adapterops.hub import push_to_hub
     from adapterops.info import describe
     from adapterops.io import load_adapter, save_adapter

@@ -30,6 +30,7 @@ _FIELDS = (
     "budget_error",
     "by",
     "form",
+    "finetuned",
     "base",
     "summary",
 )
@@ -117,7 +118,7 @@ def lineage_lines(provenance: Mapping[str, Any]) -> list[str]:
     for key in _FIELDS:
         value = provenance.get(key)
         if value is not None:
-            if key == "base" and isinstance(value, Mapping):
+            if key in ("finetuned", "base") and isinstance(value, Mapping):
                 value = public_name(value) + (f"@{value['revision']}" if value.get("revision") else "")
             lines.append(f"- {key}: `{value}`")
     for item in [*(provenance.get("inputs") or []), *(provenance.get("merged") or [])]:

@@ -98,6 +98,31 @@ class MergeDtype(str, Enum):
     FLOAT32 = "float32"
 
 
+class Embeddings(str, Enum):
+    """What ``extract`` does with a changed embedding or output head (``nn.Embedding`` layers, ``lm_head``):
+    a LoRA on it, the whole layer saved (PEFT ``modules_to_save``), or nothing (reported)."""
+
+    LORA = "lora"
+    SAVE = "save"
+    SKIP = "skip"
+
+
+class Norms(str, Enum):
+    """What ``extract`` does with a changed layer that LoRA cannot target (norms and the like): save it
+    whole (PEFT ``modules_to_save``) or leave it out (reported)."""
+
+    SAVE = "save"
+    SKIP = "skip"
+
+
+class Biases(str, Enum):
+    """What ``extract`` does with a changed bias of a LoRA-targeted layer: PEFT's ``lora_bias``, or
+    leave it out (reported)."""
+
+    LORA = "lora"
+    SKIP = "skip"
+
+
 WEIGHTS = "weights"  # the ``type`` of a per-input weights option: numbers on the CLI, weight specs in recipes
 COUNT = "count"  # the ``type`` of a count option: an int, or a string with a suffix (20M, 1.5G, 500K)
 
@@ -478,6 +503,56 @@ class ToLoraOptions(RankTarget):
         self._require_target("to-lora")
 
 
+@dataclass(frozen=True)
+class ExtractOptions(RankTarget):
+    exact_limit: int = option(1024, _EXACT_LIMIT_HELP, type=int, min=1)
+    embeddings: Embeddings = option(
+        Embeddings.LORA,
+        "Changed embeddings and output head (nn.Embedding layers, lm_head): lora (a LoRA on them), save "
+        "(stored whole: PEFT modules_to_save) or skip (left out, reported).",
+        type=Embeddings,
+    )
+    norms: Norms = option(
+        Norms.SAVE,
+        "Changed layers LoRA cannot target (norms, ...): save (stored whole: PEFT modules_to_save) or skip "
+        "(left out, reported).",
+        type=Norms,
+    )
+    biases: Biases = option(
+        Biases.LORA,
+        "Changed biases of LoRA-targeted layers: lora (PEFT's lora_bias) or skip (left out, reported).",
+        type=Biases,
+    )
+    exclude: str | None = option(
+        None,
+        "Leave out modules whose name matches this regular expression (re.search); changed ones are reported.",
+        metavar="REGEX",
+    )
+    device: str = option("auto", "Where the SVDs run: auto (CUDA when present), cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.is_global:
+            # not yet: a budget would keep every module's factors up to max_rank (with their tails) until
+            # all are read, then choose the ranks (ops.budget.apply_budget), as resize does
+            raise InvalidInputError(
+                f"extract chooses each module's rank as it reads the module: {param('budget_params')} and "
+                f"{param('budget_error')} are not supported by extract yet; give {target_hint()} "
+                f"({param('max_rank', 'K')} caps the last two)"
+            )
+        if self.is_exact:
+            raise InvalidInputError(
+                f"extract needs a target: give {target_hint()}, or {param('max_rank', 'K')} alone"
+            )
+        if self.exclude is not None:
+            try:
+                re.compile(self.exclude)
+            except (re.error, TypeError) as exc:
+                raise InvalidInputError(
+                    f"{param('exclude')} {self.exclude!r} is not a regular expression ({exc})"
+                ) from None
+
+
 _CHECKPOINT_WEIGHTS = "One weight per adapter, in order (default 1 each): dW = sum_i w_i dW_i."
 
 
@@ -549,6 +624,7 @@ VERBS: dict[str, type] = {
     "resize": ResizeOptions,
     "to_dora": ToDoraOptions,
     "to_lora": ToLoraOptions,
+    "extract": ExtractOptions,
     "merge": MergeOptions,
     "unmerge": UnmergeOptions,
     "verify": VerifyOptions,

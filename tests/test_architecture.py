@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import pytest
 
-from adapterops import options, verbs
+from adapterops import extraction, options, verbs
 from adapterops.cli import cli
 from adapterops.recipe.schema import INPUTS, WRITE_KEYS, verb_keys
 
@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("adapterops.provenance",),
     (
         "adapterops.verbs",
+        "adapterops.extraction",
         "adapterops.merging",
         "adapterops.verification",
         "adapterops.recipe",
@@ -190,6 +191,7 @@ FUNCTIONS = {
     "resize": verbs.resize,
     "to_dora": verbs.to_dora,
     "to_lora": verbs.to_lora,
+    "extract": extraction.extract,
 }
 
 

@@ -42,6 +42,7 @@ TORCH_APIS = {
     *("frexp", "ldexp", "nextafter", "round", "full_like", "arange", "mul", "rand", "topk"),
     *("block_diag", "split"),  # both long before 2.3 (1.8 and 1.0)
     *("linalg", "linalg.matrix_norm", "linalg.qr", "linalg.svd", "linalg.vector_norm"),
+    *("nn", "nn.Module"),  # layer classes (io/model_names.py), unchanged since torch 1.0
 }
 
 

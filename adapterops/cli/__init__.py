@@ -6,7 +6,7 @@ import torch.
 
     _options.py     click options generated from ``adapterops.options``; shared option bundles
     _console.py     Output (stdout/stderr, --json, --quiet) and every text rendering
-    adapters.py     combine, negate, scale, resize, to-dora, to-lora, info
+    adapters.py     combine, negate, scale, resize, to-dora, to-lora, extract, info
     checkpoints.py  merge, unmerge, verify
     hub.py          push
     recipe.py       run
@@ -138,8 +138,8 @@ def _stopped_by_signals() -> Iterator[None]:
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="adapterops")
 def cli() -> None:
-    """Exact arithmetic on LoRA adapters: combine, negate, scale, resize, convert DoRA, merge into
-    checkpoints, verify, push.
+    """Exact arithmetic on LoRA adapters: combine, negate, scale, resize, convert DoRA, extract from
+    fine-tunes, merge into checkpoints, verify, push.
 
     Inputs are PEFT adapter directories or Hub ids (org/name or org/name@revision); outputs are
     PEFT adapter directories that PeftModel.from_pretrained loads unchanged, or checkpoints that
@@ -161,6 +161,7 @@ for command in (
     adapters.resize,
     adapters.to_dora,
     adapters.to_lora,
+    adapters.extract,
     adapters.info,
     checkpoints.merge,
     checkpoints.unmerge,

@@ -1,4 +1,4 @@
-"""Adapter commands: combine, negate, scale, resize, to-dora, to-lora, info.
+"""Adapter commands: combine, negate, scale, resize, to-dora, to-lora, extract, info.
 
 Each parses (options generated from its record in ``adapterops.options``), calls one public
 function, and renders the result. Library imports happen inside the commands: ``--help`` and
@@ -25,6 +25,7 @@ from adapterops.cli._options import (
 )
 from adapterops.options import (
     CombineOptions,
+    ExtractOptions,
     NegateOptions,
     ResizeOptions,
     ScaleOptions,
@@ -162,6 +163,37 @@ def to_lora(adapter: str, **kwargs: Any) -> None:
 
 
 @click.command()
+@click.argument("finetuned")
+@click.argument("base")
+@options_from(ExtractOptions)
+@write_options
+def extract(finetuned: str, base: str, **kwargs: Any) -> None:
+    """Extract a LoRA from a fine-tune: the best rank-K form of FINETUNED - BASE, module by module.
+
+    FINETUNED and BASE are checkpoints (directories or Hub ids) of one architecture. Each changed
+    Linear, Conv1D, conv and embedding layer gets the best rank-K approximation of its weight's
+    change (exact SVD, or a randomized one for large layers), its error measured and reported;
+    changed norms are stored whole (--norms), changed biases go into lora_bias (--biases). Reads
+    one module at a time. The output loads with PeftModel.from_pretrained on BASE.
+
+    \b
+    Examples:
+      adapterops extract ./my-finetune meta-llama/Llama-3.2-1B --rank 64 -o ./extracted
+      adapterops extract ./ft ./base --energy 0.9 --embeddings save -o ./extracted -v
+      adapterops extract ./ft ./base --rank 32 --exclude 'lm_head|embed' -o ./extracted --json
+    """
+    from adapterops import extraction
+    from adapterops.io.checkpoint import open_checkpoint
+
+    def work(out: Any) -> Any:
+        ft, bs = open_checkpoint(finetuned), open_checkpoint(base)
+        with out.byte_progress("extracting", ft.total_size + bs.total_size) as advance:
+            return extraction.extract(ft, bs, progress=advance, **kwargs)
+
+    _adapter_command(ExtractOptions, kwargs, work)
+
+
+@click.command()
 @click.argument("adapter")
 @click.option(
     "--base", help="Base checkpoint: adds DoRA magnitudes against base row norms and effective update norms."
@@ -227,6 +259,7 @@ def _adapter_command(record: type, kwargs: dict[str, Any], work: Callable[[Any],
 
 def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: Any) -> None:
     """Save with the command line and the summary in the record, print the summary, push if asked."""
+    from adapterops.adapter import Solver
     from adapterops.io import save_adapter
     from adapterops.report import summarize, summary_line
 
@@ -236,12 +269,15 @@ def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: An
     provenance.update(command=recorded_command(argv), summary=summary_line(summary))
     save_adapter(replace(adapter, provenance=provenance), output, force=force, dtype=write.dtype.value)
     pushed = push_output(output, write)
+    # what extract reports beyond the LoRA modules: modules stored whole, changes left out, unchanged modules
+    details = {k: provenance[k] for k in ("modules_to_save", "skipped", "unchanged") if provenance.get(k)}
     if out.as_json:
         out.json(
             {
                 "output": str(output),
                 **summary,
                 "per_module": [r.as_dict() for r in adapter.report],
+                **details,
                 "pushed": pushed,
             }
         )
@@ -250,8 +286,16 @@ def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: An
         for r in adapter.report:
             out.line(
                 f"{r.name}: rank {r.rank_in} -> {r.rank_out}, energy kept {100 * r.energy_kept:.4f}%, "
-                f"relative error {r.rel_error:.3g}" + (f" ({r.note})" if r.note else "")
+                f"relative error {r.rel_error:.3g}"
+                + (f" ({r.note})" if r.note else "")
+                + f" [{Solver(r.solver).value}]"
             )
+        for name in details.get("modules_to_save", []):
+            out.line(f"{name}: stored whole (modules_to_save)")
+        for key, why in details.get("skipped", {}).items():
+            out.line(f"{key}: left out, {why}")
+        if details.get("unchanged"):
+            out.line(f"unchanged, left out: {', '.join(details['unchanged'])}")
     out.line(f"wrote {output}: {summary_line(summary)}")
     if pushed:
         out.line(f"pushed {output} to {pushed}")

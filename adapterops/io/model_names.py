@@ -15,6 +15,10 @@ base-model prefix included). No table is copied from transformers, so the answer
 installed version. The layout follows from the checkpoint's own keys: keys that transformers leaves
 unchanged are already in-memory names, and keys it renames are in the stored (Hub) layout.
 
+The same meta model says what each module is (``LoadNames.layers``: the LoRA layer PEFT would make
+of it, by the isinstance tests of PEFT's ``dispatch_default``), which ``extract`` needs to write
+each module's LoRA in the right layout.
+
 transformers is imported here only, and only when an adapter name is not a stored key, so
 ``adapterops --help`` and merges of checkpoints whose names already match never import it.
 """
@@ -25,11 +29,30 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
 
 INSTALL_HINT = "pip install 'adapterops[transformers]'"
+
+
+class LayerKind(str, Enum):
+    """Which PEFT LoRA layer a module becomes (PEFT's ``dispatch_default`` tests the same classes)."""
+
+    LINEAR = "linear"  # nn.Linear and subclasses
+    CONV1D = "conv1d"  # transformers' GPT-2 style Conv1D: weight stored (in, out)
+    EMBEDDING = "embedding"  # nn.Embedding and subclasses
+    CONV = "conv"  # nn.Conv1d, nn.Conv2d, nn.Conv3d with groups=1
+    OTHER = "other"  # anything else: norms, grouped convolutions, custom layers
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One module of the loaded model: its ``kind`` for LoRA, and its class name (for messages)."""
+
+    kind: LayerKind
+    cls: str
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,7 @@ class LoadNames:
     clashes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     tied: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     problem: str | None = None
+    layers: Mapping[str, Layer] = field(default_factory=dict)
 
     @property
     def layout(self) -> str:
@@ -123,6 +147,7 @@ def load_names(config: Mapping[str, Any], keys: Iterable[str]) -> LoadNames:
             transforms = conversion_mapping.get_model_conversion_mapping(model)
             in_memory = model.state_dict()
             ties = dict(getattr(model, "all_tied_weights_keys", None) or {})
+            layers = {name: _layer(module) for name, module in model.named_modules() if name}
     except Exception as exc:  # a config transformers itself cannot build: say so, and what it said
         return LoadNames(
             origin,
@@ -148,7 +173,36 @@ def load_names(config: Mapping[str, Any], keys: Iterable[str]) -> LoadNames:
         converted={new: tuple(old) for new, old in converted.items()},
         clashes={new: tuple(old) for new, old in targets.items() if len(old) > 1},
         tied=_tie_groups(ties),
+        layers=layers,
     )
+
+
+def _layer(module: torch.nn.Module) -> Layer:
+    """What ``module`` becomes under LoRA, by the isinstance tests PEFT's ``dispatch_default`` makes."""
+    from transformers.pytorch_utils import Conv1D
+
+    nn = torch.nn
+    kind = LayerKind.OTHER
+    if isinstance(module, nn.Embedding):
+        kind = LayerKind.EMBEDDING
+    elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        kind = LayerKind.CONV if module.groups == 1 else LayerKind.OTHER
+    elif isinstance(module, nn.Linear):
+        kind = LayerKind.LINEAR
+    elif isinstance(module, Conv1D):
+        kind = LayerKind.CONV1D
+    return Layer(kind, type(module).__name__)
+
+
+def transformers_knows(config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` names a model type the installed transformers has (True where transformers
+    is not installed: it might have it). False for checkpoints that are not transformers models."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:
+        return True
+    model_type = config.get("model_type")
+    return bool(model_type) and model_type in CONFIG_MAPPING
 
 
 def _tie_groups(ties: Mapping[str, str]) -> dict[str, tuple[str, ...]]:

@@ -50,6 +50,7 @@ PASSTHROUGH_FIELDS = (
     "modules_to_save",
     "bias",
     "auto_mapping",
+    "ensure_weight_tying",  # written only when true: PEFT ties the adapter's copies of tied layers
 )
 
 
@@ -348,6 +349,8 @@ def output_config(adapter: Adapter) -> dict[str, Any]:
     if groups:
         config["target_parameters"] = sorted(groups)
     config.update({k: v for k, v in adapter.config.items() if k in PASSTHROUGH_FIELDS})
+    if not config.get("ensure_weight_tying"):
+        config.pop("ensure_weight_tying", None)
     for name in ranks:  # the patterns must resolve back to what we mean, the way PEFT reads them
         got_r, got_alpha = module_rank_alpha(config, name)
         if got_r != ranks[name] or not math.isclose(got_alpha, alphas[name], rel_tol=1e-15):
