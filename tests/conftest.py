@@ -54,6 +54,12 @@ ZOO: dict[str, Spec] = {
     "llama_bf16_b": Spec(
         tiny_llama, 7, dict(r=6, lora_alpha=6, target_modules=LLAMA_ATTN, save_dtype=torch.bfloat16)
     ),
+    "llama_fp16": Spec(
+        tiny_llama, 14, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, save_dtype=torch.float16)
+    ),
+    "llama_fp16_b": Spec(
+        tiny_llama, 15, dict(r=2, lora_alpha=4, target_modules=["q_proj"], save_dtype=torch.float16)
+    ),
     "llama_dora": Spec(tiny_llama, 8, dict(r=4, lora_alpha=8, target_modules=LLAMA_ATTN, use_dora=True)),
     "gpt2_a": Spec(
         tiny_gpt2, 9, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)

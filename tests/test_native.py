@@ -338,16 +338,18 @@ def test_peft_factors_depends_on_the_factoring() -> None:
 
 
 def test_dare_in_core_space_draws_the_documented_masks() -> None:
-    """One generator per module, seeded with the first 63 bits of sha256("{seed}:{name}"), drawing
-    each input's mask in order (docs/math.md); here on the core matrices."""
+    """Input i's uniforms in grid block b come from a generator seeded with the first 63 bits of
+    sha256("{seed}:{name}:{i}:{b}"), as float32 (docs/math.md); a core matrix is one block."""
     modules = random_modules(9, (3, 2))
     w, density, seed = [0.9, 0.6], 0.5, 11
     got, _ = merged(modules, w, "dare_linear", space="core", density=density, seed=seed)
-    digest = hashlib.sha256(f"{seed}:{modules[0].name}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     def merge(parts: list[np.ndarray]) -> np.ndarray:
-        masks = [torch.rand(p.shape, generator=gen, dtype=torch.float64).numpy() < density for p in parts]
+        masks = []
+        for i, p in enumerate(parts):
+            digest = hashlib.sha256(f"{seed}:{modules[0].name}:{i}:0".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            masks.append(torch.rand(p.shape, generator=gen, dtype=torch.float32).numpy() < density)
         return sum(wi * np.where(m, p / density, 0.0) for wi, m, p in zip(w, masks, parts, strict=True))
 
     assert close(got, ref_core(deltas(modules), merge))

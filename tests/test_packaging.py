@@ -39,7 +39,7 @@ TORCH_APIS = {
     *("float8_e4m3fn", "float8_e5m2"),  # 2.1
     *("empty", "zeros", "zeros_like", "ones", "ones_like", "tensor", "randn", "cat", "stack", "where"),
     *("addmm", "amax", "amin", "clamp", "cumsum", "equal", "isfinite", "isnan", "maximum", "nonzero"),
-    *("frexp", "ldexp", "nextafter", "round", "full_like", "arange", "mul", "rand", "topk"),
+    *("frexp", "ldexp", "nextafter", "round", "full_like", "arange", "mul", "rand", "topk", "mm", "bincount"),
     *("block_diag", "split"),  # both long before 2.3 (1.8 and 1.0)
     *("linalg", "linalg.matrix_norm", "linalg.qr", "linalg.svd", "linalg.vector_norm"),
     *("nn", "nn.Module"),  # layer classes (io/model_names.py), unchanged since torch 1.0

@@ -16,17 +16,18 @@ import adapterops as ao
 from adapterops.cli import cli
 from adapterops.ops.sparsify import (
     Sparsity,
+    block_seed,
     disjoint_mean,
     drop,
     elect,
-    module_seed,
     sparsified_sum,
     trim,
 )
 from adapterops.options import MajoritySign, Method
 from adapterops.recipe import run_recipe
 from tests.conftest import Zoo
-from tests.support.factories import make_adapter, peft_deltas, tiny_llama
+from tests.support import sparsified as reference
+from tests.support.factories import make_adapter, peft_deltas, tiny_gpt2, tiny_llama
 
 # ------------------------------------------------------------------------------ worked by hand
 
@@ -39,6 +40,16 @@ def test_trim_keeps_the_largest_magnitudes() -> None:
     assert torch.equal(trim(x, 0.6), trim(x, 0.5))
     assert torch.equal(trim(x, 0.2), torch.zeros_like(x))
     assert torch.equal(trim(x, 1.0), x)
+
+
+def test_trim_keeps_ties_at_the_threshold_in_flat_order() -> None:
+    """docs/math.md's example: k = int(0.34 * 6) = 2 of three entries of magnitude 2; the first two in
+    row-major order are kept (-2 and 2 of row 0), row 1's 2 is not. k = 3 keeps all three."""
+    x = torch.tensor([[1.0, -2.0, 2.0], [2.0, 0.0, -1.0]], dtype=torch.float64)
+    assert trim(x, 0.34).tolist() == [[0.0, -2.0, 2.0], [0.0, 0.0, 0.0]]
+    assert trim(x, 0.5).tolist() == [[0.0, -2.0, 2.0], [2.0, 0.0, 0.0]]
+    # k = 4: the three 2s, then the first of the two 1s
+    assert trim(x, 0.67).tolist() == [[1.0, -2.0, 2.0], [2.0, 0.0, 0.0]]
 
 
 def test_elect_by_total_and_by_frequency() -> None:
@@ -79,19 +90,28 @@ def test_ties_and_magnitude_prune_worked_by_hand() -> None:
 # ------------------------------------------------------------------------------------ invariants
 
 
-def test_dare_drop_is_unbiased_keeps_density_and_is_seeded_per_module() -> None:
+def test_dare_drop_is_unbiased_keeps_density_and_is_seeded_per_block() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 64, generator=gen, dtype=torch.float64)
-    dropped = drop(x, 0.3, torch.Generator().manual_seed(1))
+
+    def draws(seed: int) -> torch.Tensor:
+        return torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    dropped = drop(x, 0.3, draws(1))
     kept = dropped != 0
     assert abs(float(kept.double().mean()) - 0.3) < 0.03
     assert torch.allclose(dropped[kept], x[kept] / 0.3, rtol=0, atol=0)
     # E[drop(x)] = x: the mean of many drops converges at ~ sqrt((1 - p) / (p n))
-    mean = torch.stack([drop(x, 0.3, torch.Generator().manual_seed(s)) for s in range(400)]).mean(0)
+    mean = torch.stack([drop(x, 0.3, draws(s)) for s in range(400)]).mean(0)
     assert float((mean - x).norm() / x.norm()) < 0.1
-    assert torch.equal(drop(x, 1.0, gen), x)
-    # the generator seed depends on the seed and the name, nothing else (and is stable across runs)
-    assert module_seed(0, "q") == module_seed(0, "q") != module_seed(1, "q") != module_seed(0, "k")
+    assert torch.equal(drop(x, 1.0, draws(0)), x)
+    # the generator seed depends on the seed, the name, the input and the block, nothing else
+    assert block_seed(0, "q", 0, 0) == block_seed(0, "q", 0, 0)
+    seeds = {
+        block_seed(*key)
+        for key in [(0, "q", 0, 0), (1, "q", 0, 0), (0, "k", 0, 0), (0, "q", 1, 0), (0, "q", 0, 1)]
+    }
+    assert len(seeds) == 5 and all(0 <= s < 2**63 for s in seeds)
 
 
 @pytest.fixture(scope="module")
@@ -120,58 +140,47 @@ def test_density_one_is_the_weighted_sum(zoo: Zoo, method: str, tmp_path: Path) 
 # ---------------------------------------------------------- float64 reference from the papers
 
 
-def _ref_trim(x: np.ndarray, density: float) -> np.ndarray:
-    k = int(density * x.size)
-    if k == 0:
-        return np.zeros_like(x)
-    threshold = np.sort(np.abs(x).ravel())[::-1][k - 1]
-    return np.where(np.abs(x) >= threshold, x, 0.0)
-
-
-def _ref_ties(deltas: list[np.ndarray], w: list[float], density: float, how: str) -> np.ndarray:
-    """TIES-Merging (Yadav et al. 2023, Alg. 1): trim, elect, disjoint merge, entry by entry."""
-    t = np.stack([_ref_trim(d, density) for d in deltas])
-    votes = t.sum(0) if how == "total" else np.sign(t).sum(0)
-    gamma = np.where(votes >= 0, 1.0, -1.0)
-    out = np.zeros_like(deltas[0])
-    for idx in np.ndindex(out.shape):
-        agree = [w[i] * t[i][idx] for i in range(len(deltas)) if np.sign(t[i][idx]) == gamma[idx]]
-        out[idx] = sum(agree) / len(agree) if agree else 0.0
-    return out
-
-
 @pytest.mark.parametrize(
-    ("pair", "how", "tol"),
+    ("pair", "methods", "how", "tol"),
     [
-        (("llama_a", "llama_b"), "total", 1e-6),
-        (("gpt2_a", "gpt2_b"), "frequency", 1e-6),
-        (("conv_a", "conv_b"), "total", 1e-6),
-        (("llama_emb", "llama_emb_b"), "frequency", 1e-6),
-        (("llama_bf16", "llama_bf16_b"), "total", 1e-2),
+        (("llama_a", "llama_b"), ("ties", "magnitude_prune", "dare_ties"), "total", 1e-6),
+        (("gpt2_a", "gpt2_b"), ("ties", "magnitude_prune", "dare_ties", "dare_linear"), "frequency", 1e-6),
+        (("conv_a", "conv_b"), ("ties", "magnitude_prune", "dare_ties", "dare_linear"), "total", 1e-6),
+        (("llama_emb", "llama_emb_b"), ("ties", "magnitude_prune"), "frequency", 1e-6),
+        (("llama_bf16", "llama_bf16_b"), ("ties", "magnitude_prune", "dare_ties"), "total", 1e-2),
+        (
+            ("llama_fp16", "llama_fp16_b"),
+            ("ties", "magnitude_prune", "dare_ties", "dare_linear"),
+            "total",
+            2e-3,
+        ),
     ],
 )
-def test_ties_and_magnitude_prune_match_a_float64_reference(
-    zoo: Zoo, pair: tuple[str, str], how: str, tol: float, tmp_path: Path
+def test_every_method_matches_a_float64_reference(
+    zoo: Zoo, pair: tuple[str, str], methods: tuple[str, ...], how: str, tol: float, tmp_path: Path
 ) -> None:
-    """Linear, Conv1D (fan_in_fan_out), Conv2d, embeddings and bfloat16 inputs (computed in float64, stored in
-    bfloat16): PEFT's own deltas, the papers' formulas."""
+    """Linear, GPT-2 Conv1D (fan_in_fan_out), Conv2d, embeddings, bfloat16 and float16 inputs (computed in
+    float64, stored in the inputs' dtype), each result loaded by PEFT: PEFT's own deltas of the inputs, the
+    papers' formulas (tests/support/sparsified.py, in math layout; DARE's masks from docs/math.md)."""
     factory = zoo.factory(pair[0])
     refs = [peft_deltas(factory, zoo[p]) for p in pair]
+    stored = next(iter(ao.load_adapter(zoo[pair[0]]).modules.values())).A.dtype
     w = [0.6, 1.3]
-    for method in ("ties", "magnitude_prune"):
-        extra = {"majority_sign": how} if method == "ties" else {}
-        out = ao.combine([zoo[p] for p in pair], w, method=method, density=0.3, energy=1.0, **extra)
+    for method in methods:
+        extra = {"majority_sign": how} if method in ("ties", "dare_ties") else {}
+        seed = {"seed": 5} if method.startswith("dare") else {}
+        out = ao.combine([zoo[p] for p in pair], w, method=method, density=0.3, energy=1.0, **extra, **seed)
         ao.save_adapter(out, tmp_path / method)
         got = peft_deltas(factory, tmp_path / method)
         for name, delta in got.items():
-            present = [(wi, r[name].numpy()) for wi, r in zip(w, refs, strict=True) if name in r]
-            ws, ds = [p[0] for p in present], [p[1] for p in present]
-            if method == "ties":
-                want = _ref_ties(ds, ws, 0.3, how)
-            else:
-                want = sum(wi * _ref_trim(d, 0.3) for wi, d in zip(ws, ds, strict=True))
-            err = np.abs(delta.numpy() - want).max()
+            present = [(wi, r[name]) for wi, r in zip(w, refs, strict=True) if name in r]
+            flip = factory is tiny_gpt2 or name.endswith("embed_tokens")  # stored (in, out)
+            ds = [reference.math_layout(d, flip) for _, d in present]
+            want = reference.merge(method, name, ds, [p[0] for p in present], 0.3, majority_sign=how, seed=5)
+            mine = reference.math_layout(delta, flip)
+            err = np.abs(mine - want).max()
             assert err <= tol * np.abs(want).max(), (method, name, err)
+        assert all(m.A.dtype == m.B.dtype == stored for m in out.modules.values())
 
 
 # ------------------------------------------------------------------------------------ PEFT parity

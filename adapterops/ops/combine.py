@@ -14,8 +14,8 @@ with c_i = w_i * s_i: the concatenated factors represent the sum exactly. Method
 - ``linear``: PEFT's ``linear`` combination, A = sum sign(c_i) sqrt|c_i| A_i, B = sum sqrt|c_i| B_i.
   Not the weighted sum (it adds cross terms B_i A_j); offered for parity, its error is reported.
 - ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: not a sum on factors; in the default
-  ``dense`` space each module's dense updates s_i B_i A_i are sparsified and merged
-  (``ops.sparsify``), then the best rank-k form of the merged update is kept (default k: the sum of
+  ``dense`` space each module's dense updates s_i B_i A_i are sparsified and merged by row tiles
+  recomputed from the factors (``ops.sparsify``), then the best rank-k form of the merged update is kept (default k: the sum of
   the input ranks), its error reported. The ``core``, ``knots`` and ``peft-factors`` spaces
   (``options.Space``) sparsify on factors instead (``ops.native``), exact before any rank target.
 - ``tsv``, ``iso_c``, ``iso_cts``: new spectra from the updates' singular vectors (``ops.native``).
@@ -46,7 +46,7 @@ from adapterops.ops.lowrank import (
     relative,
     svd_of_product,
 )
-from adapterops.ops.sparsify import Sparsity, sparsified_sum
+from adapterops.ops.sparsify import Sparsity, Updates, merge_plan, merged
 from adapterops.options import Method, Space
 
 Progress = Callable[[str], None]
@@ -258,16 +258,17 @@ def _linear(t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
 
 
 def _sparsified(method: Method, t: Stacked, policy: RankPolicy) -> tuple[LoraModule, ModuleReport]:
-    """TIES/DARE/magnitude pruning of the dense updates s_i B_i A_i (``ops.sparsify``), then their
-    best rank-k form, k from ``policy`` or else the sum of the input ranks (at most the rank of the
-    merged update); the error is measured against the dense merged update. Other spaces: ``_in_space``."""
+    """TIES/DARE/magnitude pruning of the dense updates s_i B_i A_i (``ops.sparsify``, computed by row
+    tiles from the factors), then their best rank-k form, k from ``policy`` or else the sum of the
+    input ranks (at most the rank of the merged update); the error is measured against the dense
+    merged update. Other spaces: ``_in_space``."""
     first = t.first
     _check_merging(method, t, policy)
     if t.sparsity.space is not Space.DENSE:
         return _in_space(method, t, policy)
-    deltas = [s * (b @ a) for s, a, b in zip(t.scales, t.As, t.Bs, strict=True)]
-    merged = sparsified_sum(method, first.name, deltas, t.weights, t.sparsity)
-    low = best_low_rank(merged, policy, exact_limit=t.exact_limit, default=t.rank_in)
+    updates = Updates.from_factors([s * b for s, b in zip(t.scales, t.Bs, strict=True)], t.As)
+    merge = merge_plan(method, first.name, updates, t.weights, t.sparsity, exact_limit=t.exact_limit)
+    low = best_low_rank(merged(merge), policy, exact_limit=t.exact_limit, default=t.rank_in)
     return t.finish(low.A, low.B), low_rank_report(first.name, t.rank_in, low)
 
 

@@ -9,13 +9,16 @@ left vectors Qb U, singular values S, right vectors Qa V. Truncating S gives the
 approximation in Frobenius and spectral norm (Eckart-Young), with error sqrt(sum of dropped S^2).
 Cost: O((out + in) R^2), memory O((out + in) R). No (out, in) matrix is ever formed.
 
-``best_low_rank`` is the dense counterpart, for updates that exist only densely (DoRA's):
-an exact SVD for small matrices, a randomized range finder for large ones.
+``best_low_rank`` is the dense counterpart, for updates that exist only densely (DoRA's, and the
+merged updates of TIES/DARE/magnitude pruning): an exact SVD for small matrices, a randomized range
+finder for large ones. A ``Dense`` lets a large matrix be held in float32 while its error is still
+measured against its exact float64 rows, recomputed tile by tile.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -231,42 +234,72 @@ class LowRank:
     tails: tuple[float, ...] = ()  # budgets: ||M - B[:, :i] A[:i]||_F^2 for i = 0..k, exact
 
 
-def best_low_rank(
-    M: torch.Tensor, policy: RankPolicy, *, exact_limit: int = 1024, seed: int = 0, default: int | None = None
-) -> LowRank:
-    """Best rank-k approximation of a dense float64 matrix, k chosen by ``policy`` (``default``: the
-    rank when the policy sets no rule, e.g. the sum of the input ranks).
+@dataclass(frozen=True)
+class Dense:
+    """A dense matrix M for ``best_low_rank``: ``held`` (float64, or float32 where a float64 copy is
+    not affordable), ``total`` = ||M||_F^2 of the exact float64 M, and ``rows()``: the exact float64
+    rows of M, tile by tile as (first row, rows), to measure the error against."""
 
-    Matrices with min(out, in) <= ``exact_limit`` get a full float64 SVD (exact Eckart-Young).
-    Larger ones get a randomized range finder with 4 power iterations in float32 (Halko, Martinsson,
-    Tropp 2011), widened until the target is met, or replaced by the exact SVD once the sketch would
-    be a quarter of the smaller side wide; the reported error is measured exactly either way.
+    held: torch.Tensor
+    total: float
+    rows: Callable[[], Iterable[tuple[int, torch.Tensor]]]
+
+    @classmethod
+    def of(cls, M: torch.Tensor) -> Dense:
+        """A float64 matrix, held as it is."""
+        return cls(M, float(M.pow(2).sum()), lambda: [(0, M)])
+
+    def left(self, B: torch.Tensor) -> torch.Tensor:
+        """``B.T @ M`` (k, in) for a float64 B (out, k), against the exact M, accumulated in float64."""
+        product = B.new_zeros(B.shape[1], self.held.shape[1])
+        for r0, rows in self.rows():
+            product += B[r0 : r0 + rows.shape[0]].T @ rows
+        return product
+
+
+def best_low_rank(
+    M: torch.Tensor | Dense,
+    policy: RankPolicy,
+    *,
+    exact_limit: int = 1024,
+    seed: int = 0,
+    default: int | None = None,
+) -> LowRank:
+    """Best rank-k approximation of a dense matrix (float64, or a ``Dense``), k chosen by ``policy``
+    (``default``: the rank when the policy sets no rule, e.g. the sum of the input ranks).
+
+    Matrices with min(out, in) <= ``exact_limit`` get a full SVD in the held dtype (float64: exact
+    Eckart-Young). Larger ones get a randomized range finder with 4 power iterations in float32 (Halko,
+    Martinsson, Tropp 2011), widened until the target is met, or replaced by the full SVD once the
+    sketch would be a quarter of the smaller side wide; the reported error is measured exactly either
+    way, in float64 against the exact float64 M.
     With a budget (``policy.is_global``) the factors hold the leading directions up to max_rank (else
     ``default``, else the full rank) and ``tails`` the exact squared error at every rank up to there:
     the caller chooses k over all modules and slices the factors (``ops.budget``).
     """
-    out, inp = M.shape
+    dense = M if isinstance(M, Dense) else Dense.of(M)
+    held, total = dense.held, dense.total
+    out, inp = held.shape
     full = min(out, inp)
-    total = float(M.pow(2).sum())
     if total == 0.0:
         tails = (0.0, 0.0) if policy.is_global else ()
-        return LowRank(M.new_zeros(1, inp), M.new_zeros(out, 1), 1.0, 0.0, Solver.DENSE, tails=tails)
+        zeros = torch.zeros((), dtype=torch.float64)
+        return LowRank(zeros.new_zeros(1, inp), zeros.new_zeros(out, 1), 1.0, 0.0, Solver.DENSE, tails=tails)
     bound, fixed = policy.bound(full, default)
     if full <= exact_limit:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        return _result(M, policy, (U, S, Vh), total, Solver.DENSE, default)
+        return _result(dense, policy, torch.linalg.svd(held, full_matrices=False), Solver.DENSE, default)
     width = (bound or 32) + 16
-    generator = torch.Generator(device=M.device).manual_seed(seed)
-    M32 = M.float()
+    generator = torch.Generator(device=held.device).manual_seed(seed)
+    M32 = held.float()
     while True:
         width = min(width, full)
         if not fixed and 4 * width >= full:  # as costly as the exact SVD by now
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            return _result(M, policy, (U, S, Vh), total, Solver.DENSE, default)
+            del M32
+            return _result(dense, policy, torch.linalg.svd(held, full_matrices=False), Solver.DENSE, default)
         U, S, Vh = _randomized_svd(M32, width, generator)
         k = policy.pick(S, (out, inp), total=total, default=default).k
         if fixed or k < width - 8:
-            return _result(M, policy, (U.double(), S, Vh.double()), total, Solver.RANDOMIZED, default)
+            return _result(dense, policy, (U, S, Vh), Solver.RANDOMIZED, default)
         width *= 2
 
 
@@ -281,42 +314,44 @@ def _randomized_svd(M: torch.Tensor, width: int, generator: torch.Generator) -> 
 
 
 def _result(
-    M: torch.Tensor,
+    dense: Dense,
     policy: RankPolicy,
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    total: float,
     solver: Solver,
     default: int | None,
 ) -> LowRank:
     """The rank ``policy`` picks from the (possibly leading part of the) SVD, its factors and errors."""
     U, S, Vh = svd
-    pick = policy.pick(S, (int(M.shape[0]), int(M.shape[1])), total=total, default=default)
+    shape = (int(U.shape[0]), int(Vh.shape[1]))
+    pick = policy.pick(S, shape, total=dense.total, default=default)
     k = max(1, pick.k)
-    low = _factors(M, U[:, :k], S[:k].double(), Vh[:k], total, solver)
+    low = _factors(dense, U[:, :k].double(), S[:k].double(), Vh[:k].double(), solver)
     if not policy.is_global:
         return replace(low, note=pick.note)
-    # a full spectrum gives every tail at once; a leading part needs them measured against M
-    tails = suffix_energies(S, k) if solver is Solver.DENSE else _tails(M, low.B, low.A, total)
+    # a whole float64 spectrum gives every tail at once; a leading part, or one computed in float32,
+    # needs them measured against the exact M
+    exact = solver is Solver.DENSE and dense.held.dtype == torch.float64
+    tails = suffix_energies(S, k) if exact else _tails(dense, low.B, low.A)
     return replace(low, note=pick.note, tails=tails)
 
 
-def _tails(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total: float) -> tuple[float, ...]:
+def _tails(dense: Dense, B: torch.Tensor, A: torch.Tensor) -> tuple[float, ...]:
     """``||M - B[:, :i] A[:i]||_F^2`` for i = 0..k, exactly: ||M||^2 - 2 sum_{j<i} <M, b_j a_j>
     + sum_{j,l<i} <b_j a_j, b_l a_l>, whether or not B and A are orthogonal to the last bit."""
-    inner = torch.cumsum(((B.T @ M) * A).sum(1), 0)
+    total = dense.total
+    inner = torch.cumsum((dense.left(B) * A).sum(1), 0)
     gram = ((B.T @ B) * (A @ A.T)).cumsum(0).cumsum(1).diagonal()
     errors = (total - 2 * inner + gram).clamp(min=0.0)
     return (total, *(float(x) for x in errors))
 
 
-def _factors(
-    M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, total: float, solver: Solver
-) -> LowRank:
+def _factors(dense: Dense, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, solver: Solver) -> LowRank:
     root = S.sqrt()
     B, A = U * root[None, :], root[:, None] * Vh
-    # ||M - B A||^2 = ||M||^2 - 2 <M, B A> + ||B A||^2, all in float64 and exact whether or not
-    # U and Vh are orthonormal to the last bit (the randomized path computes them in float32)
-    inner = float(((B.T @ M) * A).sum())
+    # ||M - B A||^2 = ||M||^2 - 2 <M, B A> + ||B A||^2, all in float64 against the exact M (row tiles
+    # of it where it is held in float32), whether or not U and Vh are orthonormal to the last bit
+    inner = float((dense.left(B) * A).sum())
     kept = float(((B.T @ B) * (A @ A.T)).sum())
+    total = dense.total
     error = max(total - 2 * inner + kept, 0.0)
     return LowRank(A, B, kept / total, (error / total) ** 0.5, solver)
