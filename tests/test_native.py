@@ -304,6 +304,10 @@ def regauged(modules: list[LoraModule], seed: int) -> list[LoraModule]:
 
 
 GAUGE_CASES = [
+    ("ties", {"density": 0.3}),  # the dense space: a function of the updates by definition
+    ("dare_ties", {"density": 0.5, "seed": 3}),
+    ("dare_linear", {"density": 0.5}),
+    ("magnitude_prune", {"density": 0.2}),
     ("ties", {"space": "core", "density": 0.3}),
     ("ties", {"space": "knots", "density": 0.3, "sign": "frequency"}),
     ("dare_ties", {"space": "core", "density": 0.5, "seed": 3}),
