@@ -13,9 +13,11 @@ Two phases, so the memory stays a few tensors whatever the model size:
   factored (``ops.extract.factor_difference``: Eckart-Young, the error measured on the stored
   factors). Modules whose difference is exactly zero are left out and counted.
 
-The per-module results are collected before the adapter is assembled (``_assemble``), so a global
-rank budget can later choose ranks across modules between the two steps. Quantized checkpoints
-are refused (extract reads floating-point weights only).
+With a rank budget over all modules (``budget_params``, ``budget_error``) execution makes two
+passes over both checkpoints (twice the I/O): a spectrum pass (``_allocate``) reads each LoRA
+module's difference, keeps only its error curve (``ops.extract.spectrum``) and cost, and chooses
+every rank at once (``ops.budget.allocate``); the factor pass then extracts each module at its
+rank. Quantized checkpoints are refused (extract reads floating-point weights only).
 
 Memory: one module's tensors as stored, plus its difference in float64 and transient copies of
 it (a float32 one for the randomized SVD): about 20 bytes per element of the largest weight (the
@@ -46,7 +48,8 @@ from adapterops.errors import (
 from adapterops.io.checkpoint import Checkpoint, open_checkpoint
 from adapterops.io.model_names import Layer, LayerKind, LoadNames, transformers_knows
 from adapterops.merging.execute import resolve_device
-from adapterops.ops.extract import factor_difference
+from adapterops.ops.budget import Item, allocate, budget_totals, item_ranks, rank_cost
+from adapterops.ops.extract import SPECTRUM_CAP, factor_difference, spectrum
 from adapterops.ops.lowrank import RankPolicy
 from adapterops.options import Biases, Embeddings, ExtractOptions, Norms
 from adapterops.provenance import checkpoint_record, operation_record
@@ -147,9 +150,11 @@ def extract(
             one architecture: same tensor names, shapes and tying (a resized vocabulary is refused).
         rank, energy, sv_ratio: the rank target, one of them (required): at most ``rank`` values per
             module, the fewest holding ``energy`` of ||D||_F², or those within ``sv_ratio`` of the largest.
-        max_rank: caps ``energy`` or ``sv_ratio`` (alone: every module at this rank, or its own if less).
-        budget_params, budget_error: not supported by extract yet (refused): part of the one option
-            record every rank-choosing verb shares.
+        max_rank: caps ``energy``, ``sv_ratio`` or a budget (alone: every module at this rank, or its own if less).
+        budget_params, budget_error: a budget over all modules instead: the total LoRA parameters (an
+            int or ``"20M"``) or the total relative error; the ranks minimize the total squared error
+            (docs/math.md, "Extraction"). Reads both checkpoints twice (spectra, then factors);
+            ``provenance["budget"]`` holds the totals. Biases and modules saved whole are outside it.
         exact_limit: modules with min(out, in) up to this get an exact SVD.
         embeddings: changed ``nn.Embedding`` layers and ``lm_head``: ``lora``, ``save`` (stored whole,
             PEFT's ``modules_to_save``) or ``skip``.
@@ -157,7 +162,8 @@ def extract(
         biases: changed biases of LoRA layers: ``lora`` (PEFT's ``lora_bias``) or ``skip``.
         exclude: a regular expression; modules whose name matches it (``re.search``) are left out.
         device: where the SVDs run: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        progress: called with (bytes read, module name) after each module.
+        progress: called with (bytes read, module name) after each module; with a budget, twice per
+            module (its name then ends in ``(pass 1 of 2: spectrum)`` or ``(pass 2 of 2: factors)``).
 
     Returns:
         An ``Adapter`` (factors in float32, or float64 for float64 checkpoints, scale 1) with one
@@ -193,12 +199,18 @@ def extract(
     bs = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     plan = plan_extraction(ft, bs)
     result = _Result()
-    policy = RankPolicy(**opts.target())
+    if opts.is_global:
+        budget = _allocate(plan, opts, on, progress)
+        policies = {name: RankPolicy(rank=k) for name, k in budget.ranks.items()}
+    else:
+        budget, policy = None, RankPolicy(**opts.target())
     for part in plan.parts:
-        size = _extract_part(plan, part, opts, policy, on, result)
+        size = _extract_part(
+            plan, part, opts, policy if budget is None else policies.get(part.module), on, result
+        )
         if progress:
-            progress(size, part.module)
-    return _assemble(plan, opts, result)
+            progress(size, part.module if budget is None else f"{part.module} (pass 2 of 2: factors)")
+    return _assemble(plan, opts, result, budget)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -327,25 +339,59 @@ def _extract_part(
     plan: ExtractionPlan,
     part: Part,
     opts: ExtractOptions,
-    policy: RankPolicy,
+    policy: RankPolicy | None,
     device: torch.device,
     result: _Result,
 ) -> int:
-    """Compare, factor, save or skip one module; returns the bytes read."""
+    """Compare, factor, save or skip one module; returns the bytes read. ``policy`` None: the module
+    had no difference to factor when the spectrum pass of a budget read it."""
     start = time.perf_counter()
-    changed: dict[str, torch.Tensor] = {}  # leaf -> difference, for the tensors that changed
-    size = 0
+    changed, size = _read(plan, part)
+    lora = _lora_changes(plan, part, opts, changed, result)
+    if lora is None:
+        return size
+    if policy is None:
+        raise InvalidInputError(
+            f"{part.module}: its difference was zero or not read when extract first read the checkpoints (the "
+            "spectrum pass of a budget) but is not now: a checkpoint changed while extract ran; run it again"
+        )
+    weight, bias = lora
+    dtype = torch.float64 if _stored_as_float64(plan, part) else torch.float32
+    module, report = _lora(plan, part, weight, bias, policy, opts.exact_limit, device, dtype)
+    result.modules[module.name] = module
+    result.reports.append(replace(report, seconds=time.perf_counter() - start))
+    return size
+
+
+def _read(plan: ExtractionPlan, part: Part) -> tuple[dict[str, torch.Tensor], int]:
+    """The differences of ``part``'s tensors that changed (leaf -> float64 difference), and the bytes read."""
+    changed: dict[str, torch.Tensor] = {}
     for leaf, key in part.tensors.items():
         difference = _difference(plan, key)
-        size += plan.base.tensors[key][1].nbytes + plan.finetuned.tensors[key][1].nbytes
         if difference is not None:
             changed[leaf] = difference
+    return changed, _size(plan, part)
+
+
+def _size(plan: ExtractionPlan, part: Part) -> int:
+    return sum(
+        plan.base.tensors[key][1].nbytes + plan.finetuned.tensors[key][1].nbytes
+        for key in part.tensors.values()
+    )
+
+
+def _lora_changes(
+    plan: ExtractionPlan, part: Part, opts: ExtractOptions, changed: dict[str, torch.Tensor], result: _Result
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """What of ``part``'s ``changed`` differences a LoRA carries: (weight, bias), either None where
+    unchanged or left out; None where the module gets no LoRA (unchanged, saved whole or skipped,
+    recorded in ``result``). Refuses the changes no PEFT LoRA can express."""
     if not changed:
         result.unchanged.append(part.module)
-        return size
+        return None
     if opts.exclude is not None and re.search(opts.exclude, part.module):
         _skip(result, part, changed, f"excluded ({param('exclude')})")
-        return size
+        return None
     if part.fused:
         raise UnsupportedAdapterError(
             f"{part.module}: {_listed(part, changed)} changed, and {plan.layers_from} fuses or transforms these "
@@ -364,13 +410,13 @@ def _extract_part(
             )
         else:
             _save(plan, part, result)
-        return size
+        return None
     if part.is_vocabulary and opts.embeddings is not Embeddings.LORA:
         if opts.embeddings is Embeddings.SKIP:
             _skip(result, part, changed, f"{_what(part)} ({param('embeddings', 'skip')})")
         else:
             _save(plan, part, result)
-        return size
+        return None
     weight_key = part.tensors["weight"]
     if weight_key in plan.tied and "weight" in changed:
         others = ", ".join(plan.tied[weight_key])
@@ -396,12 +442,67 @@ def _extract_part(
         bias = None
     weight = changed.pop("weight", None)
     if weight is None and bias is None:
-        return size
-    dtype = torch.float64 if _stored_as_float64(plan, part) else torch.float32
-    module, report = _lora(plan, part, weight, bias, policy, opts.exact_limit, device, dtype)
-    result.modules[module.name] = module
-    result.reports.append(replace(report, seconds=time.perf_counter() - start))
-    return size
+        return None
+    return weight, bias
+
+
+# ---------------------------------------------------------------------------------- budget: pass 1
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """A budget's allocation from the spectrum pass: each LoRA module's rank, its ||D||_F^2, the modules
+    whose rank reached ``SPECTRUM_CAP`` and the allocation's totals (``ops.budget.budget_totals``)."""
+
+    ranks: dict[str, int]
+    energies: dict[str, float]
+    at_cap: frozenset[str]
+    totals: dict[str, Any] | None
+
+
+def _allocate(
+    plan: ExtractionPlan, opts: ExtractOptions, device: torch.device, progress: Progress | None
+) -> _Budget:
+    """Pass 1 of a budget: every LoRA module's difference read once (the same reading and checks as
+    the factor pass), its tails (``ops.extract.spectrum``) and rank cost (``ops.budget.rank_cost``),
+    then the ranks over all modules (``ops.budget.allocate``). Modules saved whole, skipped or
+    excluded are not read here and are outside the budget."""
+    items: list[Item] = []
+    energies: dict[str, float] = {}
+    capped: set[str] = set()
+    scratch = _Result()  # the factor pass records the modules again
+    for part in plan.parts:
+        size = _size(plan, part)
+        if _may_be_lora(part, opts):
+            changed, size = _read(plan, part)
+            lora = _lora_changes(plan, part, opts, changed, scratch)
+            if lora is not None:
+                _, transposed, _, stored = _layout(plan, part)
+                out, inp = _math_shape(stored, transposed)
+                tails: tuple[float, ...] = (0.0, 0.0)  # only the bias changed: rank 1, zero factors
+                if lora[0] is not None:
+                    M = _matrix(lora[0], transposed, stored)
+                    spectra = spectrum(M.to(device), max_rank=opts.max_rank, exact_limit=opts.exact_limit)
+                    tails = spectra.tails
+                    if spectra.capped:
+                        capped.add(part.module)
+                items.append(Item(((part.module, tails),), rank_cost(out, inp)))
+                energies[part.module] = tails[0]
+        if progress:
+            progress(size, f"{part.module} (pass 1 of 2: spectrum)")
+    if not items:  # nothing to factor: the factor pass finds it and says so
+        return _Budget({}, {}, frozenset(), None)
+    found = allocate(items, opts)
+    ranks = item_ranks(items, found)
+    at_cap = frozenset(m for m in capped if ranks[m] == SPECTRUM_CAP)
+    return _Budget(ranks, energies, at_cap, budget_totals(found, opts))
+
+
+def _may_be_lora(part: Part, opts: ExtractOptions) -> bool:
+    """Whether ``part`` gets a LoRA if it changed: what the spectrum pass reads."""
+    excluded = opts.exclude is not None and re.search(opts.exclude, part.module) is not None
+    vocabulary_elsewhere = part.is_vocabulary and opts.embeddings is not Embeddings.LORA
+    return part.is_lora_target and not excluded and not vocabulary_elsewhere
 
 
 def _difference(plan: ExtractionPlan, key: str) -> torch.Tensor | None:
@@ -437,19 +538,13 @@ def _lora(
 ) -> tuple[LoraModule, ModuleReport]:
     """The LoRA module of one layer from its weight's difference (stored layout, None where only the
     bias changed: then zero factors of rank 1) and its bias's difference."""
-    kind, transposed = ModuleKind.LINEAR, part.layer.kind is LayerKind.CONV1D
-    if part.layer.kind is LayerKind.EMBEDDING:
-        kind, transposed = ModuleKind.EMBEDDING, True
-    elif part.layer.kind is LayerKind.CONV:
-        kind = ModuleKind.CONV
-    stored = plan.base.tensors[part.tensors["weight"]][1].shape
-    kernel = tuple(int(k) for k in stored[2:]) if kind is ModuleKind.CONV else ()
+    kind, transposed, kernel, stored = _layout(plan, part)
     if weight is None:
-        out, inp = (stored[1], stored[0]) if transposed else (stored[0], math.prod(stored[1:]))
+        out, inp = _math_shape(stored, transposed)
         A, B = torch.zeros(1, inp, dtype=dtype), torch.zeros(out, 1, dtype=dtype)
         report = ModuleReport(part.module, 0, 1, 1.0, 0.0, Solver.DENSE)
     else:
-        M = weight.T if transposed else weight.reshape(stored[0], -1)
+        M = _matrix(weight, transposed, stored)
         low = factor_difference(M.to(device), policy, exact_limit=exact_limit, dtype=dtype)
         A, B = low.A.cpu(), low.B.cpu()
         report = ModuleReport(
@@ -463,6 +558,29 @@ def _lora(
         )
     bias = None if bias is None else bias.to(dtype)
     return LoraModule(part.module, A, B, 1.0, kind, transposed, kernel, bias), report
+
+
+def _layout(plan: ExtractionPlan, part: Part) -> tuple[ModuleKind, bool, tuple[int, ...], tuple[int, ...]]:
+    """A LoRA layer's kind, whether its weight is stored transposed (Conv1D, embeddings), its kernel
+    (convolutions) and its weight's stored shape."""
+    kind, transposed = ModuleKind.LINEAR, part.layer.kind is LayerKind.CONV1D
+    if part.layer.kind is LayerKind.EMBEDDING:
+        kind, transposed = ModuleKind.EMBEDDING, True
+    elif part.layer.kind is LayerKind.CONV:
+        kind = ModuleKind.CONV
+    stored = plan.base.tensors[part.tensors["weight"]][1].shape
+    kernel = tuple(int(k) for k in stored[2:]) if kind is ModuleKind.CONV else ()
+    return kind, transposed, kernel, stored
+
+
+def _math_shape(stored: tuple[int, ...], transposed: bool) -> tuple[int, int]:
+    """(out, in) of the difference in the math layout (a convolution's in counts its kernel)."""
+    return (int(stored[1]), int(stored[0])) if transposed else (int(stored[0]), math.prod(stored[1:]))
+
+
+def _matrix(weight: torch.Tensor, transposed: bool, stored: tuple[int, ...]) -> torch.Tensor:
+    """A weight's difference (stored layout) as the (out, in) matrix of the math layout."""
+    return weight.T if transposed else weight.reshape(stored[0], -1)
 
 
 def _stored_as_float64(plan: ExtractionPlan, part: Part) -> bool:
@@ -505,7 +623,7 @@ def _what(part: Part) -> str:
 # -------------------------------------------------------------------------------------------- assemble
 
 
-def _assemble(plan: ExtractionPlan, opts: ExtractOptions, result: _Result) -> Adapter:
+def _assemble(plan: ExtractionPlan, opts: ExtractOptions, result: _Result, budget: _Budget | None) -> Adapter:
     """The adapter from the collected results: LoRA modules, modules saved whole, config and record."""
     ft, base = plan.finetuned, plan.base
     if not result.modules:
@@ -522,6 +640,7 @@ def _assemble(plan: ExtractionPlan, opts: ExtractOptions, result: _Result) -> Ad
         _check_lora_bias(plan, result)
     saved = sorted(set(result.saved_modules))
     _check_saved(plan, saved, result)
+    totals = None if budget is None else _budget_totals(opts, result, budget)
     config: dict[str, Any] = {"base_model_name_or_path": base.repo_id or str(base.root)}
     architectures = base.config.get("architectures") or []
     if any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
@@ -547,6 +666,7 @@ def _assemble(plan: ExtractionPlan, opts: ExtractOptions, result: _Result) -> Ad
         modules_to_save=saved or None,
         skipped=dict(sorted(result.skipped.items())) or None,
         unchanged=result.unchanged or None,
+        budget=totals,
     )
     if result.skipped:
         first, why = next(iter(sorted(result.skipped.items())))
@@ -558,6 +678,36 @@ def _assemble(plan: ExtractionPlan, opts: ExtractOptions, result: _Result) -> Ad
             stacklevel=3,
         )
     return Adapter(result.modules, result.saved, config, None, record, tuple(result.reports))
+
+
+def _budget_totals(opts: ExtractOptions, result: _Result, budget: _Budget) -> dict[str, Any]:
+    """The allocation's totals with what the factor pass measured: the parameters written and the total
+    relative error sqrt(sum rel_error_m^2 ||D_m||^2 / sum ||D_m||^2) of the stored factors. Notes the
+    modules whose rank reached ``SPECTRUM_CAP``; warns where the measured error misses ``budget_error``."""
+    totals = dict(budget.totals or {})
+    energy = sum(budget.energies.values())
+    squared = sum(r.rel_error**2 * budget.energies[r.name] for r in result.reports)
+    totals.update(
+        params=sum(rank_cost(m.out_features, m.in_features) * m.rank for m in result.modules.values()),
+        rel_error=math.sqrt(squared / energy) if energy > 0 else 0.0,
+    )
+    for i, r in enumerate(result.reports):
+        if r.name in budget.at_cap:
+            note = (
+                f"budget rank at the spectrum cap {SPECTRUM_CAP} of modules above exact_limit: pass "
+                f"{param('max_rank', 'K')} to allow more"
+            )
+            result.reports[i] = replace(r, note=note)
+    if opts.budget_error is not None and totals["rel_error"] > opts.budget_error:
+        allocated = (budget.totals or {}).get("rel_error", 0.0)
+        warnings.warn(
+            f"total relative error {totals['rel_error']:.6g} measured on the stored factors is above "
+            f"{param('budget_error', opts.budget_error)} (the allocation's {allocated:.6g}, from the spectra, "
+            "before the factors were rounded to their dtype); lower budget_error a little",
+            ApproximationWarning,
+            stacklevel=4,
+        )
+    return totals
 
 
 def _check_lora_bias(plan: ExtractionPlan, result: _Result) -> None:

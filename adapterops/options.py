@@ -532,18 +532,7 @@ class ExtractOptions(RankTarget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.is_global:
-            # not yet: a budget would keep every module's factors up to max_rank (with their tails) until
-            # all are read, then choose the ranks (ops.budget.apply_budget), as resize does
-            raise InvalidInputError(
-                f"extract chooses each module's rank as it reads the module: {param('budget_params')} and "
-                f"{param('budget_error')} are not supported by extract yet; give {target_hint()} "
-                f"({param('max_rank', 'K')} caps the last two)"
-            )
-        if self.is_exact:
-            raise InvalidInputError(
-                f"extract needs a target: give {target_hint()}, or {param('max_rank', 'K')} alone"
-            )
+        self._require_target("extract")
         if self.exclude is not None:
             try:
                 re.compile(self.exclude)

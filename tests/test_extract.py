@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +25,7 @@ from torch import nn
 import adapterops as ao
 from adapterops.adapter import Solver
 from adapterops.ops import extract as ops_extract
-from adapterops.ops.extract import factor_difference
+from adapterops.ops.extract import factor_difference, spectrum
 from adapterops.ops.lowrank import RankPolicy
 from tests.support.factories import (
     peft_logits,
@@ -377,13 +378,11 @@ def test_refusals_name_what_and_how_to_fix(tmp_path: Path) -> None:
     gpt2 = save_base_checkpoint(tiny_gpt2, tmp_path / "gpt2", dtype=torch.float32)
     with pytest.raises(
         ao.InvalidInputError,
-        match=r"extract needs a target: give rank=K, energy=F or sv_ratio=R, or max_rank=K",
+        match=r"extract needs a target: give rank=K, energy=F or sv_ratio=R; or max_rank=K alone, or a budget",
     ):
         ao.extract(llama, llama)
-    with pytest.raises(
-        ao.InvalidInputError, match=r"budget_params and budget_error are not supported by extract"
-    ):
-        ao.extract(llama, llama, budget_params="1M")
+    with pytest.raises(ao.InvalidInputError, match=r"budget_params chooses every module's rank.*drop rank"):
+        ao.extract(llama, llama, budget_params="1M", rank=4)
     with pytest.raises(
         ao.IncompatibleAdaptersError, match=r"are different models \(model_type 'llama' and 'gpt2'"
     ):
@@ -463,8 +462,142 @@ def test_cli_json_verbose_exclude_and_force(tmp_path: Path) -> None:
     code, _, stderr = run("extract", ft_dir, base_dir, "-o", tmp_path / "x")
     assert (code, stderr) == (
         2,
-        "error: extract needs a target: give --rank K, --energy F or --sv-ratio R, or --max-rank K alone\n",
+        "error: extract needs a target: give --rank K, --energy F or --sv-ratio R; or --max-rank K alone, or a "
+        "budget over all modules: --budget-params N or --budget-error E\n",
     )
+
+
+# ------------------------------------------------------------------------------------------ budgets
+
+
+def optimal_tails(ft: dict[str, torch.Tensor], base: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    """Squared Eckart-Young errors at every rank 0..full of one module, from numpy's float64 SVD."""
+    S = np.linalg.svd((ft[f"{name}.weight"] - base[f"{name}.weight"]).numpy(), compute_uv=False)
+    sq = S**2
+    return np.concatenate([np.cumsum(sq[::-1])[::-1], [0.0]])
+
+
+def test_budget_params_total_error_is_the_float64_optimum_and_peft_merges_within_it(tmp_path: Path) -> None:
+    """Full-rank changes of all 14 linear layers and a norm: the ranks fit 12,000 parameters, the total
+    error is the float64 Eckart-Young tail at those ranks, the norm is stored whole (outside the budget),
+    and PEFT's merge is that far from the fine-tune."""
+    ft_dir, base_dir = pair(
+        tmp_path, tiny_llama, finetune(tiny_llama, both(low_rank("proj", 0), shift("model.norm")))
+    )
+    adapter = ao.extract(ft_dir, base_dir, budget_params="12K")
+    ft, base = stored(ft_dir), stored(base_dir)
+    budget = (adapter.provenance or {})["budget"]
+    params = sum((m.out_features + m.in_features) * m.rank for m in adapter.modules.values())
+    assert budget["budget_params"] == 12_000 and budget["params"] == params and 11_500 < params <= 12_000
+    assert budget["optimal"] and budget["solver"] in ("greedy", "dp")
+    assert (adapter.provenance or {})["modules_to_save"] == ["model.norm"]
+    assert len({r.rank_out for r in adapter.report}) > 2  # the ranks differ: a real trade-off
+    left = total = 0.0
+    for report in adapter.report:
+        tails = optimal_tails(ft, base, report.name)
+        left, total = left + tails[report.rank_out], total + tails[0]
+        assert report.rel_error == pytest.approx((tails[report.rank_out] / tails[0]) ** 0.5, rel=1e-5)
+    assert budget["rel_error"] == pytest.approx((left / total) ** 0.5, rel=1e-6)
+
+    merged = check_against_peft(tiny_llama, adapter, tmp_path / "out", ft_dir, base_dir)
+    keys = [f"{r.name}.weight" for r in adapter.report]
+    merge_error = sum(float((merged[k] - ft[k]).pow(2).sum()) for k in keys) ** 0.5
+    change = sum(float((ft[k] - base[k]).pow(2).sum()) for k in keys) ** 0.5
+    assert merge_error / change == pytest.approx(budget["rel_error"], rel=1e-5)
+    assert ao.load_adapter(tmp_path / "out").provenance["budget"] == budget
+
+
+def test_budget_allocation_is_brute_force_optimal(tmp_path: Path) -> None:
+    """Four modules (q, k, v, o of layer 0): every rank tuple scored with numpy's SVDs of the actual
+    differences. budget_params: the least error within the budget; budget_error: the fewest parameters
+    reaching the target."""
+    names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    ft_dir, base_dir = pair(tmp_path, tiny_llama, finetune(tiny_llama, low_rank(r"layers\.0\.self_attn", 0)))
+    ft, base = stored(ft_dir), stored(base_dir)
+    tails = [optimal_tails(ft, base, n) for n in names]
+    costs = [sum(ft[f"{n}.weight"].shape) for n in names]
+    grid = np.ix_(*(np.arange(1, len(t)) for t in tails))  # ranks >= 1 each
+    error = sum(t[g] for t, g in zip(tails, grid, strict=True))
+    cost = sum(c * g for c, g in zip(costs, grid, strict=True))
+    total = sum(t[0] for t in tails)
+
+    def chosen(adapter: ao.Adapter) -> tuple[float, int]:
+        ranks = {r.name: r.rank_out for r in adapter.report}
+        return (
+            sum(t[ranks[n]] for t, n in zip(tails, names, strict=True)),
+            sum(c * ranks[n] for c, n in zip(costs, names, strict=True)),
+        )
+
+    for budget in (400, 1000, 2300):
+        adapter = ao.extract(ft_dir, base_dir, budget_params=budget)
+        got_error, got_cost = chosen(adapter)
+        assert got_cost <= budget
+        assert got_error == pytest.approx(float(error[cost <= budget].min()), rel=1e-9, abs=1e-12 * total)
+    with pytest.raises(ao.InvalidInputError, match=r"budget_params=200 is below the smallest output: 224 "):
+        ao.extract(ft_dir, base_dir, budget_params=200)
+    for target in (0.6, 0.3, 0.1):
+        adapter = ao.extract(ft_dir, base_dir, budget_error=target)
+        got_error, got_cost = chosen(adapter)
+        assert got_error <= target**2 * total * (1 + 1e-9)
+        assert got_cost == int(cost[error <= target**2 * total].min())
+        assert (adapter.provenance or {})["budget"]["params"] == got_cost
+        assert (adapter.provenance or {})["budget"]["rel_error"] <= target
+
+
+@pytest.mark.slow
+def test_budget_on_randomized_spectra_and_the_spectrum_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above exact_limit the spectrum is the leading values with the exact ||D||^2: its tails match the
+    dense ones, and a module whose budget rank reaches the cap says so."""
+    gen = torch.Generator().manual_seed(1)
+    M = torch.randn(120, 90, generator=gen, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -2, 90, dtype=torch.float64)
+    )
+    dense = spectrum(M, max_rank=12, exact_limit=100)
+    sketched = spectrum(M, max_rank=12, exact_limit=8)
+    want = np.concatenate([[0.0], np.cumsum(np.linalg.svd(M.numpy(), compute_uv=False) ** 2)])
+    want = float((M**2).sum()) - want[:13]
+    assert dense.solver is ao.Solver.DENSE and sketched.solver is ao.Solver.RANDOMIZED
+    assert np.allclose(dense.tails, want, rtol=1e-9) and np.allclose(sketched.tails, want, rtol=1e-6)
+    assert len(spectrum(M, max_rank=None, exact_limit=100).tails) == 91
+
+    import adapterops.extraction as extraction
+
+    monkeypatch.setattr(extraction, "SPECTRUM_CAP", 2)
+    monkeypatch.setattr(ops_extract, "SPECTRUM_CAP", 2)
+    ft_dir, base_dir = pair(tmp_path, tiny_llama, finetune(tiny_llama, low_rank(r"layers\.1\.", 0)))
+    adapter = ao.extract(ft_dir, base_dir, budget_params="1M", exact_limit=8)
+    assert {r.rank_out for r in adapter.report} == {2}
+    assert all(r.note and r.note.startswith("budget rank at the spectrum cap 2") for r in adapter.report)
+    check_against_peft(tiny_llama, adapter, tmp_path / "out", ft_dir, base_dir)
+
+
+def test_cli_budget_params_json(tmp_path: Path) -> None:
+    ft_dir, base_dir = pair(tmp_path, tiny_llama, finetune(tiny_llama, low_rank("proj", 0)))
+    out = tmp_path / "out"
+    code, stdout, stderr = run("extract", ft_dir, base_dir, "--budget-params", "20K", "-o", out, "--json")
+    assert (code, stderr) == (0, "")
+    payload = json.loads(stdout)
+    budget = payload["budget"]
+    assert budget["budget_params"] == 20_000 and 19_000 < budget["params"] <= 20_000 and budget["optimal"]
+    assert budget["params"] == sum(
+        (m["rank_out"])
+        * (
+            64
+            if "self_attn.q" in m["name"] or "o_proj" in m["name"]
+            else 48
+            if "self_attn" in m["name"]
+            else 96
+        )
+        for m in payload["per_module"]
+    )
+    record = ao.load_adapter(out).provenance
+    assert record["budget"] == budget and record["summary"].endswith(
+        f"budget 20,000 parameters: {budget['params']:,} used, total relative error {budget['rel_error']:.4g} (optimal)"
+    )
+    code, stdout, _ = run("extract", ft_dir, base_dir, "--budget-error", "0.5", "-o", tmp_path / "e")
+    assert code == 0 and "budget relative error 0.5: " in stdout
 
 
 def test_hub_ids_resolve_like_paths_and_name_the_base(fake_snapshots: FakeSnapshots, tmp_path: Path) -> None:

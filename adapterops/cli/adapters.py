@@ -176,9 +176,13 @@ def extract(finetuned: str, base: str, **kwargs: Any) -> None:
     changed norms are stored whole (--norms), changed biases go into lora_bias (--biases). Reads
     one module at a time. The output loads with PeftModel.from_pretrained on BASE.
 
+    A budget over all modules (--budget-params N, --budget-error E) reads both checkpoints twice:
+    once for every module's singular values, to choose the ranks, once to factor.
+
     \b
     Examples:
       adapterops extract ./my-finetune meta-llama/Llama-3.2-1B --rank 64 -o ./extracted
+      adapterops extract ./ft ./base --budget-params 20M --max-rank 128 -o ./extracted
       adapterops extract ./ft ./base --energy 0.9 --embeddings save -o ./extracted -v
       adapterops extract ./ft ./base --rank 32 --exclude 'lm_head|embed' -o ./extracted --json
     """
@@ -187,7 +191,8 @@ def extract(finetuned: str, base: str, **kwargs: Any) -> None:
 
     def work(out: Any) -> Any:
         ft, bs = open_checkpoint(finetuned), open_checkpoint(base)
-        with out.byte_progress("extracting", ft.total_size + bs.total_size) as advance:
+        passes = 2 if ExtractOptions(**kwargs).is_global else 1  # a budget reads both checkpoints twice
+        with out.byte_progress("extracting", passes * (ft.total_size + bs.total_size)) as advance:
             return extraction.extract(ft, bs, progress=advance, **kwargs)
 
     _adapter_command(ExtractOptions, kwargs, work)

@@ -98,19 +98,8 @@ def apply_budget(
     (default ``MAX_WORK``, ``MAX_CELLS``).
     """
     items = _items(modules, reports)
-    max_work = MAX_WORK if max_work is None else max_work
-    max_cells = MAX_CELLS if max_cells is None else max_cells
-    if target.budget_params is not None:
-        found = allocate_params(items, target.budget_params, max_work=max_work, max_cells=max_cells)
-    elif target.budget_error is not None:
-        found = allocate_error(items, target.budget_error, max_work=max_work, max_cells=max_cells)
-    else:
-        raise InvalidInputError("apply_budget needs budget_params or budget_error")
-    ranks = {
-        name: min(k, len(tails) - 1)
-        for item, k in zip(items, found.ranks, strict=True)
-        for name, tails in item.members
-    }
+    found = allocate(items, target, max_work=max_work, max_cells=max_cells)
+    ranks = item_ranks(items, found)
     cut: dict[str, LoraModule] = {}
     for name, module in modules.items():
         k = ranks[name]
@@ -122,6 +111,35 @@ def apply_budget(
         new_reports.append(
             replace(r, rank_out=k, energy_kept=energy_kept, rel_error=relative(tails[k], tails[0]), tails=())
         )
+    totals = budget_totals(found, target)
+    return cut, tuple(new_reports), totals
+
+
+def allocate(
+    items: Sequence[Item], target: RankTarget, *, max_work: int | None = None, max_cells: int | None = None
+) -> Allocation:
+    """``allocate_params`` or ``allocate_error``, whichever budget ``target`` sets."""
+    max_work = MAX_WORK if max_work is None else max_work
+    max_cells = MAX_CELLS if max_cells is None else max_cells
+    if target.budget_params is not None:
+        return allocate_params(items, target.budget_params, max_work=max_work, max_cells=max_cells)
+    if target.budget_error is not None:
+        return allocate_error(items, target.budget_error, max_work=max_work, max_cells=max_cells)
+    raise InvalidInputError("a budget allocation needs budget_params or budget_error")
+
+
+def item_ranks(items: Sequence[Item], found: Allocation) -> dict[str, int]:
+    """Every member module's rank: its item's, at most the member's own top."""
+    return {
+        name: min(k, len(tails) - 1)
+        for item, k in zip(items, found.ranks, strict=True)
+        for name, tails in item.members
+    }
+
+
+def budget_totals(found: Allocation, target: RankTarget) -> dict[str, Any]:
+    """The totals a record keeps under ``budget``: the target, params, rel_error (sqrt of the summed
+    squared errors over the summed ||dW||^2), optimal, solver and the bound (``report.budget_line``)."""
     totals: dict[str, Any] = {
         **target.target(),
         "params": found.params,
@@ -132,7 +150,13 @@ def apply_budget(
         totals["rel_error_bound"] = relative(found.bound, found.total)
     else:
         totals["params_bound"] = int(found.bound)
-    return cut, tuple(new_reports), totals
+    return totals
+
+
+def rank_cost(out_features: int, in_features: int) -> int:
+    """Parameters one rank of a module costs: a column of lora_B (out) and a row of lora_A (in; a
+    convolution's in counts its kernel, an embedding's is its number of rows)."""
+    return out_features + in_features
 
 
 def _items(modules: Mapping[str, LoraModule], reports: Sequence[ModuleReport]) -> list[Item]:
@@ -150,7 +174,7 @@ def _items(modules: Mapping[str, LoraModule], reports: Sequence[ModuleReport]) -
             module.target.tensor if module.target is not None and module.target.expert is not None else r.name
         )
         groups.setdefault(key, []).append((r.name, r.tails))
-        costs[key] = costs.get(key, 0) + module.out_features + module.in_features
+        costs[key] = costs.get(key, 0) + rank_cost(module.out_features, module.in_features)
     return [Item(tuple(groups[key]), costs[key]) for key in groups]
 
 

@@ -16,6 +16,11 @@ Either way the factors are rounded to their storage dtype and the error ||M - B 
 on the rounded factors, in float64, a block of rows at a time (``measured_error``). ``energy_kept``
 is the share of ||M||² in the kept singular values (before rounding). Pure: tensors in and out.
 
+For a rank budget over all modules (``spectrum``), each difference's singular values come first:
+all of them (``torch.linalg.svdvals``, float64) when min(out, in) <= ``exact_limit``; else the
+leading ``cap`` ones, from the same randomized, checked and polished path (exact singular values
+of Q2 Q2ᵀ M), with the exact ||M||² so that every tail is known: e(k) = ||M||² - sum_{j<k} s_j².
+
 Worked example: M = diag(3, 2, 1) (3 x 3), rank 2: the exact SVD keeps 3 and 2, so B A = diag(3, 2, 0),
 energy kept (9 + 4) / 14 and relative error sqrt(1 / 14) ≈ 0.267.
 """
@@ -23,14 +28,15 @@ energy kept (9 + 4) / 14 and relative error sqrt(1 / 14) ≈ 0.267.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from adapterops.adapter import Solver
-from adapterops.ops.lowrank import LowRank, RankPolicy, best_low_rank
+from adapterops.ops.lowrank import LowRank, RankPolicy, best_low_rank, numerical_rank, suffix_energies
 
 REFINE_TOL = 1e-3  # one more iteration may lower the error energy by at most this share of what is left
+SPECTRUM_CAP = 256  # budgets without max_rank: the most singular values found above exact_limit
 
 
 def factor_difference(
@@ -50,6 +56,46 @@ def factor_difference(
     return replace(
         low, A=A, B=B, energy_kept=min(low.energy_kept, 1.0), rel_error=measured_error(M, A, B, total)
     )
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """What a budget needs of one difference: ``tails`` (||M - M_i||_F^2 for i = 0..k, k at most the
+    numerical rank and the cap), whether the cap cut the spectrum short, and the solver."""
+
+    tails: tuple[float, ...]
+    capped: bool
+    solver: Solver
+
+
+def spectrum(M: torch.Tensor, *, max_rank: int | None, exact_limit: int, seed: int = 0) -> Spectrum:
+    """The squared error of the best rank-i approximation of the nonzero float64 ``M``, i = 0..k.
+
+    Up to ``exact_limit`` (min(out, in)) from every singular value (float64 ``svdvals``), k the
+    numerical rank capped at ``max_rank``. Above it from the leading ``max_rank`` ones (else
+    ``SPECTRUM_CAP``), found as ``factor_difference`` finds its factors, and the exact ||M||^2:
+    e(i) = ||M||^2 - sum_{j<i} s_j^2. ``capped``: ``SPECTRUM_CAP`` cut the spectrum short.
+
+    Example: M = diag(3, 2, 1), max_rank 2: tails (14, 5, 1).
+    """
+    out, inp = (int(n) for n in M.shape)
+    full = min(out, inp)
+    if full <= exact_limit:
+        S = torch.linalg.svdvals(M)
+        limit = numerical_rank(S, (out, inp))
+        return Spectrum(suffix_energies(S, max(1, min(limit, max_rank or limit))), False, Solver.DENSE)
+    total = float(M.pow(2).sum())
+    count = min(max_rank or SPECTRUM_CAP, full)
+    policy = RankPolicy(rank=count)
+    low = best_low_rank(M, policy, exact_limit=exact_limit, seed=seed)
+    if low.solver is Solver.RANDOMIZED:
+        low = _checked(M, low, policy, total)
+    # the factors split each singular value evenly: s_j = ||B[:, j]|| ||A[j]||
+    S = (low.B.norm(dim=0) * low.A.norm(dim=1)).sort(descending=True).values
+    k = max(1, min(numerical_rank(S, (out, inp)), count))
+    kept = torch.cat([S.new_zeros(1), torch.cumsum(S[:k].pow(2), 0)])
+    tails = tuple(max(total - float(x), 0.0) for x in kept)
+    return Spectrum(tails, max_rank is None and k == count < full, low.solver)
 
 
 def _checked(M: torch.Tensor, low: LowRank, policy: RankPolicy, total: float) -> LowRank:
