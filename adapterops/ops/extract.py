@@ -4,12 +4,13 @@
 else a randomized range finder in float32 (Halko, Martinsson & Tropp 2011). For extraction, where
 the difference is all there is and its spectrum may decay slowly, the randomized result is then
 
-- **checked**: one more power (subspace) iteration, in float64, from its left singular vectors Q1
-  gives Q2 = orth(M Mᵀ Q1). If Q2 captures more than ``REFINE_TOL`` of the error energy that is left
-  (``tail(Q1) - tail(Q2) > REFINE_TOL * tail(Q2)``), the sketch had not converged and the exact SVD
-  is used instead (the report's solver then says ``dense``). This is a convergence test, not a
-  bound: the reported error is always measured, never estimated;
-- **polished**: the factors are the best rank-k approximation within span(Q2), Q2 Q2ᵀ M, computed
+- **refined**: power (subspace) iterations in float64 from its left singular vectors Q_0,
+  Q_{j+1} = orth(M Mᵀ Q_j), until one lowers the error energy left by at most ``REFINE_TOL`` of it
+  (``tail(Q_j) - tail(Q_{j+1}) <= REFINE_TOL * tail(Q_{j+1})``). If ``MAX_REFINE`` iterations do not
+  get there (a slowly decaying spectrum), the exact SVD is used instead (the report's solver then
+  says ``dense``). This is a convergence test, not a bound: the reported error is always measured,
+  never estimated;
+- **polished**: the factors are the best rank-k approximation within span(Q), Q Qᵀ M, computed
   in float64 (the sketch ran in float32).
 
 Either way the factors are rounded to their storage dtype and the error ||M - B A||_F is measured
@@ -19,7 +20,7 @@ is the share of ||M||² in the kept singular values (before rounding). Pure: ten
 For a rank budget over all modules (``spectrum``), each difference's singular values come first:
 all of them (``torch.linalg.svdvals``, float64) when min(out, in) <= ``exact_limit``; else the
 leading ``cap`` ones, from the same randomized, checked and polished path (exact singular values
-of Q2 Q2ᵀ M), with the exact ||M||² so that every tail is known: e(k) = ||M||² - sum_{j<k} s_j².
+of Q Qᵀ M), with the exact ||M||² so that every tail is known: e(k) = ||M||² - sum_{j<k} s_j².
 
 Worked example: M = diag(3, 2, 1) (3 x 3), rank 2: the exact SVD keeps 3 and 2, so B A = diag(3, 2, 0),
 energy kept (9 + 4) / 14 and relative error sqrt(1 / 14) ≈ 0.267.
@@ -35,7 +36,8 @@ import torch
 from adapterops.adapter import Solver
 from adapterops.ops.lowrank import LowRank, RankPolicy, best_low_rank, numerical_rank, suffix_energies
 
-REFINE_TOL = 1e-3  # one more iteration may lower the error energy by at most this share of what is left
+REFINE_TOL = 1e-4  # one more iteration may lower the error energy by at most this share of what is left
+MAX_REFINE = 6  # float64 power iterations after the sketch before the exact SVD is used instead
 SPECTRUM_CAP = 256  # budgets without max_rank: the most singular values found above exact_limit
 
 
@@ -99,21 +101,26 @@ def spectrum(M: torch.Tensor, *, max_rank: int | None, exact_limit: int, seed: i
 
 
 def _checked(M: torch.Tensor, low: LowRank, policy: RankPolicy, total: float) -> LowRank:
-    """The randomized result polished by one float64 power iteration, or the exact SVD where that
-    iteration shows the sketch had not converged (see the module docstring)."""
-    Q1 = torch.linalg.qr(low.B.double())[0]  # (out, k): the sketch's left singular subspace
-    Z = M.T @ Q1  # (in, k)
-    tail1 = total - float(Z.pow(2).sum())
-    Q2 = torch.linalg.qr(M @ Z)[0]
-    C = Q2.T @ M  # (k, in): Q2 Q2^T M = Q2 C is the best approximation within span(Q2)
-    tail2 = total - float(C.pow(2).sum())
+    """The randomized result refined by float64 power iterations until one more would lower the error
+    energy by at most ``REFINE_TOL`` of what is left, or the exact SVD where ``MAX_REFINE`` of them do
+    not get there (see the module docstring)."""
+    Q = torch.linalg.qr(low.B.double())[0]  # (out, k): the sketch's left singular subspace
+    Z = M.T @ Q  # (in, k)
+    tail = total - float(Z.pow(2).sum())
     # below float32's resolution of M, no further iteration can matter for the stored factors
     floor = (torch.finfo(torch.float32).eps ** 2) * total
-    if tail1 - tail2 > REFINE_TOL * max(tail2, 0.0) + floor:
+    for _ in range(MAX_REFINE):
+        Q = torch.linalg.qr(M @ Z)[0]
+        C = Q.T @ M  # (k, in): Q Q^T M = Q C is the best approximation within span(Q)
+        previous, tail = tail, total - float(C.pow(2).sum())
+        if previous - tail <= REFINE_TOL * max(tail, 0.0) + floor:
+            break
+        Z = C.T
+    else:
         return best_low_rank(M, policy, exact_limit=min(M.shape))
     U, S, Vh = torch.linalg.svd(C, full_matrices=False)
     root = S.sqrt()
-    B = (Q2 @ U) * root[None, :]
+    B = (Q @ U) * root[None, :]
     A = root[:, None] * Vh
     kept = float(S.pow(2).sum())
     return replace(
