@@ -127,6 +127,7 @@ WEIGHTS = "weights"  # the ``type`` of a per-input weights option: numbers on th
 COUNT = "count"  # the ``type`` of a count option: an int, or a string with a suffix (20M, 1.5G, 500K)
 
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+_COUNT_LIMIT = Decimal(10) ** 18
 _COUNT = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG]?)\s*$")
 
 
@@ -138,25 +139,35 @@ def parse_count(value: object, name: str) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidInputError(
-            f"{param(name)} must be a whole number such as 20000000 or 20M, got {value!r}"
+            f"{param(name)} must be a whole number such as 20000000 or 20M, got {_shown(value)}"
         )
     if isinstance(value, int):
         return value
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
-            raise InvalidInputError(f"{param(name)} must be a whole number, got {value!r}")
+            raise InvalidInputError(f"{param(name)} must be a whole number, got {_shown(value)}")
         return int(value)
     match = _COUNT.match(value)
     try:
         number = Decimal(match.group(1)) * _SUFFIXES[match.group(2).upper()] if match else None
     except InvalidOperation:
         number = None
+    except ArithmeticError:  # decimal.Overflow: an exponent beyond Decimal's range
+        number = _COUNT_LIMIT + 1
+    if number is not None and number > _COUNT_LIMIT:  # before int(): "1e999999999" would be a huge int
+        raise InvalidInputError(f"{param(name)} must be at most {_COUNT_LIMIT:.0e}, got {_shown(value)}")
     if number is None or number != number.to_integral_value():
         raise InvalidInputError(
             f"{param(name)} must be a whole number, optionally with a suffix K, M or G (20M, 1.5G, 500K), "
-            f"got {value!r}"
+            f"got {_shown(value)}"
         )
     return int(number)
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, cut to 40 characters: an error line quotes untrusted input, not all of it."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def option(

@@ -468,3 +468,12 @@ def test_bad_budgets_on_the_command_line_and_other_methods(zoo: Zoo, tmp_path: P
     assert (
         parse_count("500k", "x") == 500_000 and parse_count(7, "x") == 7 and parse_count("2e3", "x") == 2000
     )
+
+
+def test_a_count_is_bounded_before_it_becomes_an_int() -> None:
+    """A recipe is untrusted: "1e999999999" must be refused at once, not turned into a billion-digit int."""
+    with pytest.raises(ao.InvalidInputError, match="budget_params must be at most 1e\\+18"):
+        parse_count("1e999999999", "budget_params")
+    with pytest.raises(ao.InvalidInputError, match="whole number"):
+        parse_count("1.0005K", "budget_params")
+    assert parse_count("1e18", "x") == 10**18
