@@ -21,6 +21,11 @@ LINEAGE_END = "<!-- adapterops lineage: end -->"
 _FIELDS = (
     "operation",
     "method",
+    "space",
+    "density",
+    "majority_sign",
+    "seed",
+    "common_fraction",
     "weights",
     "rank",
     "energy",

@@ -311,6 +311,10 @@ def test_cli_json_reports_per_module_errors(unit_scale: tuple[Path, Path], tmp_p
     assert payload["modules"] == len(payload["per_module"]) == 6
     assert all(0 < m["rel_error"] < 1 and m["rank_out"] == 8 for m in payload["per_module"])
     assert ao.load_adapter(tmp_path / "mix").provenance["method"] == "ties"
+    # the card says how the result was made: the parameters that change it, not only the method
+    card = (tmp_path / "mix" / "README.md").read_text()
+    for line in ("- method: `ties`", "- density: `0.2`", "- majority_sign: `total`", "- space: `dense`"):
+        assert line in card, card
 
 
 def test_recipe_keys(unit_scale: tuple[Path, Path], tmp_path: Path) -> None:
