@@ -52,6 +52,7 @@ _LAZY = {
     "resize": "adapterops.verbs",
     "to_dora": "adapterops.verbs",
     "to_lora": "adapterops.verbs",
+    "convert": "adapterops.verbs",
     "extract": "adapterops.extraction",
     "merge": "adapterops.merging",
     "unmerge": "adapterops.merging",
@@ -111,5 +112,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names __getattr__ provides
     from adapterops.merging import MergePlan, MergeResult, merge, plan_merge, unmerge
     from adapterops.ops.lowrank import RankPolicy
     from adapterops.recipe import load_recipe, plan_recipe, run_recipe
-    from adapterops.verbs import combine, negate, resize, scale, to_dora, to_lora
+    from adapterops.verbs import combine, convert, negate, resize, scale, to_dora, to_lora
     from adapterops.verification import VerifyReport, verify

@@ -600,6 +600,27 @@ class VerifyOptions:
 
 
 @dataclass(frozen=True)
+class ConvertOptions:
+    """``convert``: the output format (a name in ``adapterops.io.FORMATS``, checked there) and, for
+    GGUF, the base model whose config.json gives the architecture and head counts."""
+
+    to: str = option(
+        None,
+        "Output format: peft (an adapter directory) or gguf (one llama.cpp LoRA file); "
+        "any format registered in adapterops.io.FORMATS.",
+        metavar="FORMAT",
+        required=True,
+    )
+    base: Any = option(
+        None,
+        "Base model (dir or Hub id): its config.json gives the architecture and head counts; needed for --to gguf.",
+    )
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
 class WriteOptions:
     """Where and how a verb's result is written; shared by every verb that writes."""
 

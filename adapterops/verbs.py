@@ -1,4 +1,4 @@
-"""The adapter verbs: combine, negate, scale, resize, to_dora, to_lora.
+"""The adapter verbs: combine, negate, scale, resize, to_dora, to_lora; and convert (between formats).
 
 Each takes adapters (paths, Hub ids or loaded ``Adapter`` objects) and returns a new ``Adapter``
 with a per-module ``report`` and a ``provenance`` record; ``save_adapter`` writes it. Each checks
@@ -9,6 +9,7 @@ record once (``provenance.operation_record``, with the adapterops version).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ from adapterops.errors import (
     UnsupportedAdapterError,
     param,
 )
-from adapterops.io import load_adapter
+from adapterops.io import FORMATS, load_adapter, save_adapter
 from adapterops.io.checkpoint import BaseWeights, Checkpoint
 from adapterops.ops.budget import apply_budget
 from adapterops.ops.combine import (
@@ -45,6 +46,7 @@ from adapterops.options import (
     SIGN_ELECTING,
     SPARSIFYING,
     CombineOptions,
+    ConvertOptions,
     Form,
     MajoritySign,
     Method,
@@ -484,3 +486,39 @@ def _no_embeddings(adapter: Adapter, verb: str) -> None:
                 f"{adapter.describe()}: module {module.name} is LoRA on a parameter (target_parameters, "
                 f"expert weights); {verb} is not possible there, as PEFT has no DoRA for parameters"
             )
+
+
+def convert(
+    adapter: AdapterRef,
+    output: str | Path,
+    *,
+    to: str,
+    base: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``adapter`` at ``output`` in format ``to`` (a name in ``adapterops.io.FORMATS``): the
+    same update in another file format, nothing else changed. ``base`` (a directory or Hub id with
+    the base model's config.json) is needed by formats that name tensors the way a runtime does
+    (``gguf``: llama.cpp's names, q/k row permutation, one alpha for the file: docs/formats.md).
+
+    Returns the path written. Refused with one line: what the target format cannot hold (for GGUF:
+    DoRA, lora_B bias, modules stored whole, parameter targets, unmapped architectures or modules).
+
+    Example:
+        >>> convert("./peft-adapter", "adapter.gguf", to="gguf", base="./base")
+    """
+    opts = ConvertOptions(to=to, base=base)
+    if opts.to not in FORMATS:
+        raise InvalidInputError(f"unknown {param('to')} {opts.to!r}; choose one of {', '.join(FORMATS)}")
+    fmt = FORMATS[opts.to]
+    takes_base = "base" in inspect.signature(fmt.write).parameters
+    if opts.base is not None and not takes_base:
+        raise InvalidInputError(f"{param('base')} is not used by {param('to', opts.to)}; drop it")
+    from adapterops.io.atomic import check_output_file, check_output_path
+
+    (check_output_file if fmt.single_file else check_output_path)(Path(output).absolute(), force=force)
+    loaded = as_adapter(adapter)
+    options: dict[str, Any] = {"force": force}
+    if takes_base:
+        options["base"] = opts.base
+    return save_adapter(loaded, output, format=opts.to, **options)

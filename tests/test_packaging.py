@@ -41,6 +41,7 @@ TORCH_APIS = {
     *("addmm", "amax", "amin", "clamp", "cumsum", "equal", "isfinite", "isnan", "maximum", "nonzero"),
     *("frexp", "ldexp", "nextafter", "round", "full_like", "arange", "mul", "rand", "topk", "mm", "bincount"),
     *("block_diag", "split"),  # both long before 2.3 (1.8 and 1.0)
+    "from_numpy",  # torch 1.0 (io/gguf.py)
     *("linalg", "linalg.matrix_norm", "linalg.qr", "linalg.svd", "linalg.vector_norm"),
     "linalg.svdvals",  # torch 1.9
     *("nn", "nn.Module"),  # layer classes (io/model_names.py), unchanged since torch 1.0

@@ -163,6 +163,7 @@ for command in (
     adapters.to_lora,
     adapters.extract,
     adapters.info,
+    adapters.convert,
     checkpoints.merge,
     checkpoints.unmerge,
     checkpoints.verify,

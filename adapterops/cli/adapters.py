@@ -1,4 +1,4 @@
-"""Adapter commands: combine, negate, scale, resize, to-dora, to-lora, extract, info.
+"""Adapter commands: combine, negate, scale, resize, to-dora, to-lora, extract, info, convert.
 
 Each parses (options generated from its record in ``adapterops.options``), calls one public
 function, and renders the result. Library imports happen inside the commands: ``--help`` and
@@ -25,6 +25,7 @@ from adapterops.cli._options import (
 )
 from adapterops.options import (
     CombineOptions,
+    ConvertOptions,
     ExtractOptions,
     NegateOptions,
     ResizeOptions,
@@ -222,6 +223,66 @@ def info(adapter: str, base: str | None, **kwargs: Any) -> None:
         out.json(report)
     elif not out.quiet:
         render_info(report, out.out)
+
+
+@click.command()
+@click.argument("adapter")
+@options_from(ConvertOptions)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output: a directory (peft) or one file (gguf).",
+)
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@display_options
+def convert(adapter: str, **kwargs: Any) -> None:
+    """Write an adapter in another format; the update is the same (docs/formats.md).
+
+    GGUF (llama.cpp) needs --base for the architecture and head counts; one alpha holds for the whole
+    file, so a module whose scale differs has it folded into its lora_b (float32, one rounding).
+
+    \b
+    Examples:
+      adapterops convert ./peft-adapter --to gguf --base ./base -o adapter.gguf
+      adapterops convert adapter.gguf --to peft -o ./peft-adapter
+    """
+    from adapterops import verbs
+    from adapterops.io import load_adapter
+
+    out = pop_display(kwargs)
+    output, force = kwargs.pop("output"), kwargs.pop("force")
+    ConvertOptions(**kwargs)
+
+    def work() -> dict[str, Any]:
+        loaded = load_adapter(adapter)
+        written = verbs.convert(loaded, output, force=force, **kwargs)
+        summary: dict[str, Any] = {
+            "output": str(written),
+            "format": kwargs["to"],
+            "modules": len(loaded.modules),
+        }
+        if kwargs["to"] == "gguf":
+            from adapterops.io.gguf import file_alpha
+
+            alpha, folded = file_alpha(loaded)
+            summary.update(alpha=alpha, folded=folded)
+        return summary
+
+    summary = out.run(work)
+    if out.as_json:
+        out.json(summary)
+        return
+    line = f"wrote {summary['output']}: {summary['format']}, {summary['modules']} modules"
+    if "alpha" in summary:
+        line += f", alpha {summary['alpha']:g}"
+        if summary["folded"]:
+            line += f"; scale folded into lora_b (float32) of {len(summary['folded'])} modules"
+    if out.verbose:
+        for name in summary.get("folded", []):
+            out.line(f"{name}: scale folded into lora_b (float32, one rounding)")
+    out.line(line)
 
 
 # ----------------------------------------------------------------------------------------------- shared

@@ -2,12 +2,13 @@
 
     refs.py              a local directory or Hub id -> a local folder
     peft.py              PEFT adapter directory <-> Adapter (tensors, keys, layouts)
+    gguf.py              llama.cpp GGUF LoRA file <-> Adapter (tensor names, alpha, q/k permutation)
     peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
     safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
     checkpoint.py        checkpoint directories: shards, key matching, layouts, base weights
     atomic.py            whole-or-nothing output directories
 
-A new adapter format is one module here plus an entry in ``load_adapter``'s dispatch.
+A new adapter format is one module here plus an entry in ``FORMATS``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from adapterops.adapter import Adapter, Source
 from adapterops.errors import InvalidInputError
-from adapterops.io import peft
+from adapterops.io import gguf, peft
 from adapterops.io.peft_config import CONFIG_NAME
 from adapterops.io.refs import resolve
 
@@ -32,7 +33,8 @@ class AdapterFormat:
 
     ``detect(path)`` says whether a local path holds this format; ``hub_files`` are the patterns
     to download for a Hub id; ``read(path, source)`` returns an ``Adapter``; ``write(adapter, path,
-    force=, dtype=)`` writes one atomically.
+    force=, dtype=)`` writes one atomically (GGUF takes ``base=`` too). ``single_file``: the format is
+    one file (read from a file path, written to one), not a directory.
     """
 
     name: str
@@ -40,9 +42,10 @@ class AdapterFormat:
     hub_files: tuple[str, ...]
     read: Callable[[Path, Source], Adapter]
     write: Callable[..., Path]
+    single_file: bool = False
 
 
-# one entry per format, tried in order; the last one's reader explains what a path lacks
+# one entry per format, tried in order; PEFT's reader explains what a path lacks
 FORMATS: dict[str, AdapterFormat] = {
     "peft": AdapterFormat(
         "peft",
@@ -51,14 +54,15 @@ FORMATS: dict[str, AdapterFormat] = {
         peft.read_adapter,
         peft.save_adapter,
     ),
+    "gguf": AdapterFormat("gguf", gguf.is_gguf_adapter, (), gguf.read_adapter, gguf.save_adapter, True),
 }
 
 
 def load_adapter(ref: str | Path) -> Adapter:
     """Load an adapter from a local path or a Hub id (``org/name`` or ``org/name@rev``).
 
-    The format is detected (``FORMATS``; PEFT adapter directories today). Tensors keep their
-    stored dtype.
+    The format is detected (``FORMATS``: PEFT adapter directories, GGUF LoRA files). Tensors keep
+    their stored dtype.
 
     Raises:
         NotFoundError: a missing path, repo or revision.
@@ -67,10 +71,14 @@ def load_adapter(ref: str | Path) -> Adapter:
     Example:
         >>> load_adapter("org/style@v2").source.revision   # the commit the revision resolved to
     """
+    local = Path(ref).expanduser()
+    for fmt in FORMATS.values():
+        if fmt.single_file and fmt.detect(local):
+            return fmt.read(local, Source(path=str(ref)))
     patterns = list(dict.fromkeys(p for f in FORMATS.values() for p in f.hub_files))
     resolved = resolve(ref, allow_patterns=patterns)
     source = Source(path=str(ref), repo_id=resolved.repo_id, revision=resolved.revision)
-    fmt = next((f for f in FORMATS.values() if f.detect(resolved.path)), list(FORMATS.values())[-1])
+    fmt = next((f for f in FORMATS.values() if f.detect(resolved.path)), FORMATS["peft"])
     return fmt.read(resolved.path, source)
 
 
@@ -78,7 +86,8 @@ def save_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", **
     """Write ``adapter`` at ``path`` in ``format`` (default ``peft``), atomically.
 
     ``options`` go to the format's writer: for PEFT, ``force`` (replace an existing ``path``) and
-    ``dtype`` (storage dtype of the factors, a torch dtype or its name; default: keep them).
+    ``dtype`` (storage dtype of the factors, a torch dtype or its name; default: keep them). GGUF
+    also needs ``base`` (the base model's directory or Hub id, for its config.json).
 
     Example:
         >>> save_adapter(combine(["./a", "./b"]), "./mix", dtype="bfloat16")

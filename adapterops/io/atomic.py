@@ -123,6 +123,48 @@ def atomic_output_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
             raise
 
 
+def check_output_file(target: Path, *, force: bool) -> None:
+    """``check_output_path`` for an output that is one file (a GGUF adapter): a directory is refused."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise InvalidInputError(f"{target.parent} {_not_a_directory(target.parent)}")
+    if target.is_symlink():
+        raise InvalidInputError(
+            f"{target} is a symbolic link to {os.readlink(target)}; give another output path"
+        )
+    if target.is_dir():
+        raise InvalidInputError(
+            f"{target} is a directory; this output is one file: choose another output path"
+        )
+    if target.exists() and not force:
+        raise OutputExistsError(
+            f"{target} already exists; choose another output path or pass --force to replace it"
+        )
+
+
+@contextmanager
+def atomic_output_file(target: Path, *, force: bool = False) -> Iterator[Path]:
+    """``atomic_output_dir`` for one file: yield a temporary path beside ``target``, renamed onto it
+    on success, removed on any exception (same lock and errors)."""
+    target = Path(target).absolute()
+    check_output_file(target, force=force)
+    with _cannot_write_is_one_error(target), _locked(target):
+        check_output_file(target, force=force)
+        _remove_stale(target)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            yield tmp
+            if not force and os.path.lexists(target):
+                raise OutputExistsError(
+                    f"{target} appeared while this run was writing it; the result was discarded: choose "
+                    "another output path or pass --force to replace it"
+                )
+            os.replace(tmp, target)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
 def _move_into_place(tmp: Path, target: Path) -> None:
     if not os.path.lexists(target):
         os.replace(tmp, target)

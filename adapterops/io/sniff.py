@@ -1,7 +1,7 @@
 """What a single adapter file is, told from its name and its header alone (no tensor is read).
 
-adapterops reads PEFT adapter directories today; users hand it kohya, diffusers, LyCORIS, MLX
-and GGUF files too. ``unsupported_file_error`` turns such a path into one error line that says
+adapterops reads PEFT adapter directories and GGUF LoRA files (``io.gguf``, tried before this);
+users hand it kohya, diffusers, LyCORIS, MLX files and GGUF models too. ``unsupported_file_error`` turns such a path into one error line that says
 what the file is and what to do, instead of a generic "not a directory".
 """
 
@@ -25,7 +25,7 @@ _KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def describe_file(path: Path) -> str:
     """A short description of an adapter file: its format, or 'a file'."""
     if path.suffix.lower() == ".gguf":
-        return "a GGUF file"
+        return "a GGUF file that is not a LoRA adapter (general.type is not adapter)"
     if path.suffix.lower() != ".safetensors":
         return "a file"
     try:
@@ -47,6 +47,11 @@ def unsupported_file_error(path: Path, what: str) -> AdapterOpsError:
         )
     if kind in ("a file", "a safetensors file", "a file that is not valid safetensors"):
         return NotFoundError(f"{path} is {kind}; pass the {what} directory that contains it")
+    if path.suffix.lower() == ".gguf":
+        return UnsupportedAdapterError(
+            f"{path} is {kind} (a model, or unreadable); adapterops reads GGUF LoRA adapters "
+            "(llama.cpp's convert_lora_to_gguf.py output) and PEFT adapter directories"
+        )
     return UnsupportedAdapterError(
         f"{path} is {kind}; adapterops reads PEFT adapter directories (the folder PeftModel.save_pretrained "
         "writes) and does not read this format yet: convert it to a PEFT adapter first"
