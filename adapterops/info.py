@@ -53,6 +53,7 @@ def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]
     params = sum(m.A.numel() + m.B.numel() for m in adapter.modules.values())
     return {
         "source": adapter.source.as_dict() if adapter.source else None,
+        "format": str(adapter.config.get("format", "peft")),
         "base_model": adapter.base_model,
         "modules_count": len(modules),
         "parameters": params,

@@ -514,9 +514,9 @@ def convert(
     takes_base = "base" in inspect.signature(fmt.write).parameters
     if opts.base is not None and not takes_base:
         raise InvalidInputError(f"{param('base')} is not used by {param('to', opts.to)}; drop it")
-    from adapterops.io.atomic import check_output_file, check_output_path
+    from adapterops.io.atomic import check_output_path
 
-    (check_output_file if fmt.single_file else check_output_path)(Path(output).absolute(), force=force)
+    check_output_path(Path(output).absolute(), force=force, file=fmt.single_file)
     loaded = as_adapter(adapter)
     options: dict[str, Any] = {"force": force}
     if takes_base:

@@ -318,7 +318,8 @@ def _adapter_command(record: type, kwargs: dict[str, Any], work: Callable[[Any],
     if "weights" in kwargs:
         kwargs["weights"] = list(kwargs["weights"]) or None
     record(**kwargs)
-    check_output_path(output.absolute(), force=force)
+    # a .safetensors output is one file (a kohya input's format); any other, a directory
+    check_output_path(output.absolute(), force=force, file=output.suffix == ".safetensors")
 
     out.run(lambda: _write(work(out), output, force, write, out))
 

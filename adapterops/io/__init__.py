@@ -3,6 +3,7 @@
     refs.py              a local directory or Hub id -> a local folder
     peft.py              PEFT adapter directory <-> Adapter (tensors, keys, layouts)
     gguf.py              llama.cpp GGUF LoRA file <-> Adapter (tensor names, alpha, q/k permutation)
+    kohya.py             kohya LoRA / LoCon single files (Stable Diffusion UNet, text encoders) <-> Adapter
     peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
     safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
     checkpoint.py        checkpoint directories: shards, key matching, layouts, base weights
@@ -13,14 +14,14 @@ A new adapter format is one module here plus an entry in ``FORMATS``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapterops.adapter import Adapter, Source
 from adapterops.errors import InvalidInputError
-from adapterops.io import gguf, peft
+from adapterops.io import gguf, kohya, peft
 from adapterops.io.peft_config import CONFIG_NAME
 from adapterops.io.refs import resolve
 
@@ -47,6 +48,7 @@ class AdapterFormat:
 
 # one entry per format, tried in order; PEFT's reader explains what a path lacks
 FORMATS: dict[str, AdapterFormat] = {
+    "kohya": AdapterFormat("kohya", kohya.detect, (), kohya.read_adapter, kohya.save_adapter, True),
     "peft": AdapterFormat(
         "peft",
         lambda path: (path / CONFIG_NAME).is_file(),
@@ -58,11 +60,13 @@ FORMATS: dict[str, AdapterFormat] = {
 }
 
 
-def load_adapter(ref: str | Path) -> Adapter:
+def load_adapter(ref: str | Path, base: str | Path | Mapping[str, Any] | None = None) -> Adapter:
     """Load an adapter from a local path or a Hub id (``org/name`` or ``org/name@rev``).
 
-    The format is detected (``FORMATS``: PEFT adapter directories, GGUF LoRA files). Tensors keep
-    their stored dtype.
+    The format is detected (``FORMATS``: PEFT adapter directories, kohya ``.safetensors`` files,
+    GGUF LoRA files). Tensors keep their stored dtype. ``base`` (kohya files only: a diffusers UNet
+    folder or a state dict) maps kohya's flattened names back to module names through the base's
+    own names.
 
     Raises:
         NotFoundError: a missing path, repo or revision.
@@ -72,7 +76,11 @@ def load_adapter(ref: str | Path) -> Adapter:
         >>> load_adapter("org/style@v2").source.revision   # the commit the revision resolved to
     """
     local = Path(ref).expanduser()
-    for fmt in FORMATS.values():
+    if kohya.detect(local):  # ``base`` maps kohya's flattened names back to module names
+        return kohya.read_adapter(local, Source(path=str(ref)), base=base)
+    if base is not None:
+        raise InvalidInputError(f"{ref}: a base for reading applies to kohya files only")
+    for fmt in FORMATS.values():  # single files are read where they are; resolve refuses files
         if fmt.single_file and fmt.detect(local):
             return fmt.read(local, Source(path=str(ref)))
     patterns = list(dict.fromkeys(p for f in FORMATS.values() for p in f.hub_files))
@@ -82,8 +90,11 @@ def load_adapter(ref: str | Path) -> Adapter:
     return fmt.read(resolved.path, source)
 
 
-def save_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", **options: Any) -> Path:
-    """Write ``adapter`` at ``path`` in ``format`` (default ``peft``), atomically.
+def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None, **options: Any) -> Path:
+    """Write ``adapter`` at ``path`` in ``format``, atomically.
+
+    The default format is the one the adapter was read in (``adapter.config["format"]``; a
+    combination keeps its first input's), else ``peft``.
 
     ``options`` go to the format's writer: for PEFT, ``force`` (replace an existing ``path``) and
     ``dtype`` (storage dtype of the factors, a torch dtype or its name; default: keep them). GGUF
@@ -92,6 +103,8 @@ def save_adapter(adapter: Adapter, path: str | Path, *, format: str = "peft", **
     Example:
         >>> save_adapter(combine(["./a", "./b"]), "./mix", dtype="bfloat16")
     """
+    if format is None:
+        format = str(adapter.config.get("format", "peft"))
     if format not in FORMATS:
         raise InvalidInputError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
     return FORMATS[format].write(adapter, path, **options)

@@ -55,11 +55,13 @@ if hasattr(errno, "EDQUOT"):
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
-def check_output_path(target: Path, *, force: bool) -> None:
+def check_output_path(target: Path, *, force: bool, file: bool = False) -> None:
     """Refuse, before any work, an output path that could not become a directory of results.
 
     That is: a parent that is not a directory; a symbolic link (replacing it would replace the
     link, not what it points to); an existing file; an existing directory without ``force``.
+    With ``file`` (a single-file output), the other way round: an existing directory is refused
+    and an existing file is replaced with ``force``.
     """
     target = Path(target)
     parent = target.parent
@@ -75,7 +77,11 @@ def check_output_path(target: Path, *, force: bool) -> None:
             else ", which leads nowhere (a loop or a missing target); give the path it should point to"
         )
         raise InvalidInputError(f"{target} is a symbolic link to {points_to}{fix}, or remove the link")
-    if target.exists() and not target.is_dir():
+    if file and target.is_dir():
+        raise InvalidInputError(
+            f"{target} is a directory and the output is one file; remove it or choose another output path"
+        )
+    if not file and target.exists() and not target.is_dir():
         raise InvalidInputError(
             f"{target} exists and is not a directory; remove it or choose another output path"
         )
@@ -123,33 +129,16 @@ def atomic_output_dir(target: Path, *, force: bool = False) -> Iterator[Path]:
             raise
 
 
-def check_output_file(target: Path, *, force: bool) -> None:
-    """``check_output_path`` for an output that is one file (a GGUF adapter): a directory is refused."""
-    target = Path(target)
-    if not target.parent.is_dir():
-        raise InvalidInputError(f"{target.parent} {_not_a_directory(target.parent)}")
-    if target.is_symlink():
-        raise InvalidInputError(
-            f"{target} is a symbolic link to {os.readlink(target)}; give another output path"
-        )
-    if target.is_dir():
-        raise InvalidInputError(
-            f"{target} is a directory; this output is one file: choose another output path"
-        )
-    if target.exists() and not force:
-        raise OutputExistsError(
-            f"{target} already exists; choose another output path or pass --force to replace it"
-        )
-
-
 @contextmanager
 def atomic_output_file(target: Path, *, force: bool = False) -> Iterator[Path]:
-    """``atomic_output_dir`` for one file: yield a temporary path beside ``target``, renamed onto it
-    on success, removed on any exception (same lock and errors)."""
+    """Yield a temporary file path beside ``target``; on success it is renamed to ``target``.
+
+    The single-file twin of ``atomic_output_dir``: same lock, same checks, same errors.
+    """
     target = Path(target).absolute()
-    check_output_file(target, force=force)
+    check_output_path(target, force=force, file=True)
     with _cannot_write_is_one_error(target), _locked(target):
-        check_output_file(target, force=force)
+        check_output_path(target, force=force, file=True)
         _remove_stale(target)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         try:

@@ -1,7 +1,8 @@
 """What a single adapter file is, told from its name and its header alone (no tensor is read).
 
-adapterops reads PEFT adapter directories and GGUF LoRA files (``io.gguf``, tried before this);
-users hand it kohya, diffusers, LyCORIS, MLX files and GGUF models too. ``unsupported_file_error`` turns such a path into one error line that says
+adapterops reads PEFT adapter directories, kohya ``.safetensors`` files (``io.kohya``) and GGUF
+LoRA files (``io.gguf``), detected before this is asked; users hand it diffusers, LyCORIS, MLX files
+and GGUF models too. ``unsupported_file_error`` turns such a path into one error line that says
 what the file is and what to do, instead of a generic "not a directory".
 """
 
