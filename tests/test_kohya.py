@@ -307,3 +307,14 @@ def test_text_encoder_modules_keep_their_prefix(tmp_path: Path) -> None:
     ]
     after, _ = raw(save_adapter(adapter, tmp_path / "back.safetensors"))
     assert sorted(after) == sorted(tensors) and all(torch.equal(after[k], tensors[k]) for k in tensors)
+
+
+def test_a_language_model_adapter_has_no_kohya_form(tmp_path: Path) -> None:
+    """convert --to kohya of a Llama adapter would write lora_unet_model_layers_... keys that no kohya
+    reader maps back: refused, exit 2, nothing written."""
+    out = tmp_path / "x.safetensors"
+    examples = Path(__file__).resolve().parents[1] / "recipes" / "inputs" / "style-a"
+    result = CliRunner().invoke(cli, ["convert", str(examples), "--to", "kohya", "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "is not a module of a Stable Diffusion UNet or CLIP text encoder" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []

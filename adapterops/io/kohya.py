@@ -393,6 +393,13 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
                 f"{' (DoRA)' if m.is_dora else ''}{' (transposed)' if m.transposed else ''} cannot be "
                 "written as kohya LoRA (linear and conv layers only): save as PEFT"
             )
+        own = name.removeprefix(TE2) if name.startswith(TE2) else name.removeprefix(TE1)
+        if unflatten(flatten(own)) != own:
+            raise UnsupportedAdapterError(
+                f"module {name} is not a module of a Stable Diffusion UNet or CLIP text encoder, so its kohya "
+                "key could not be read back (kohya files hold only those): save as PEFT, or convert --to gguf "
+                "for a language model"
+            )
         key = kohya_key(name, te_prefix)
         if key in owners:
             raise UnsupportedAdapterError(
