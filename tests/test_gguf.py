@@ -313,3 +313,34 @@ def test_convert_options_are_python_parameters_and_cli_options() -> None:
     command = cli.get_command(click.Context(cli), "convert")
     assert command is not None
     assert fields <= {p.name for p in command.params if p.name}
+
+
+def test_a_verb_on_a_gguf_input_writes_gguf_without_the_base(tmp_path: Path) -> None:
+    """resize x.gguf -o y.gguf keeps the format (the file records architecture and head counts), and
+    llama.cpp's rule on the output gives the resized update; a directory format named .gguf is refused."""
+    adapter = make_adapter(tiny_llama, tmp_path / "a", seed=2, target_modules=ALL, r=4, lora_alpha=8)
+    ao.convert(adapter, tmp_path / "a.gguf", to="gguf", base=base_dir(tiny_llama, tmp_path / "base"))
+    result = CliRunner().invoke(
+        cli, ["resize", str(tmp_path / "a.gguf"), "--rank", "2", "-o", str(tmp_path / "b.gguf")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b.gguf").is_file()
+    fields, _ = read_gguf(tmp_path / "b.gguf")
+    assert fields["general.architecture"] == "llama" and fields["general.type"] == "adapter"
+    # llama.cpp's deltas of the output, un-permuted, against the float64 best rank-2 of each input update
+    got = llama_cpp_deltas(tmp_path / "b.gguf")
+    original = ao.load_adapter(adapter)
+    for name, module in original.modules.items():
+        delta = module.delta(torch.float64).numpy()
+        u, s, vt = np.linalg.svd(delta, full_matrices=False)
+        want = (u[:, :2] * s[:2]) @ vt[:2]
+        key = hf_to_gguf(name + ".weight")
+        out = got[key]
+        if ".q_proj" in name or ".k_proj" in name:
+            want = llama_cpp_permute(want, 4, 2 if ".k_proj" in name else 4)
+        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max(), name
+    refused = CliRunner().invoke(
+        cli, ["resize", str(tmp_path / "a"), "--rank", "2", "-o", str(tmp_path / "c.gguf")]
+    )
+    assert refused.exit_code == 2 and "is a directory, not a .gguf file" in refused.output
+    assert not (tmp_path / "c.gguf").exists()

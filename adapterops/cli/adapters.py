@@ -318,10 +318,23 @@ def _adapter_command(record: type, kwargs: dict[str, Any], work: Callable[[Any],
     if "weights" in kwargs:
         kwargs["weights"] = list(kwargs["weights"]) or None
     record(**kwargs)
-    # a .safetensors output is one file (a kohya input's format); any other, a directory
-    check_output_path(output.absolute(), force=force, file=output.suffix == ".safetensors")
+    # a .safetensors or .gguf output is one file (a kohya or GGUF input's format); any other, a directory
+    check_output_path(output.absolute(), force=force, file=output.suffix in (".safetensors", ".gguf"))
 
     out.run(lambda: _write(work(out), output, force, write, out))
+
+
+def _check_output_form(adapter: Any, output: Path) -> None:
+    """A result is written in its input's format: a file name for a directory format would hide it."""
+    from adapterops.errors import InvalidInputError
+    from adapterops.io import FORMATS
+
+    fmt = str(adapter.config.get("format", "peft"))
+    if fmt in FORMATS and not FORMATS[fmt].single_file and output.suffix in (".safetensors", ".gguf"):
+        raise InvalidInputError(
+            f"{output}: the result is a {fmt} adapter, which is a directory, not a {output.suffix} file; "
+            f"name the output without {output.suffix}, then `adapterops convert` it --to kohya or gguf"
+        )
 
 
 def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: Any) -> None:
@@ -330,6 +343,7 @@ def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: An
     from adapterops.io import save_adapter
     from adapterops.report import summarize, summary_line
 
+    _check_output_form(adapter, output)
     summary = summarize(adapter.report, (adapter.provenance or {}).get("budget"))
     argv = click.get_current_context().find_root().meta.get("argv", [])
     provenance = dict(adapter.provenance or {})

@@ -42,6 +42,7 @@ from adapterops.io.atomic import atomic_output_file
 from adapterops.io.refs import resolve
 
 SUFFIX = ".gguf"
+FORMAT = "gguf"
 CONFIG_KEY = "adapterops.peft_config"  # the adapter's passthrough config fields, JSON
 PROVENANCE_KEY = "adapterops.provenance"
 
@@ -135,6 +136,8 @@ def _heads(arch_name: str, module: str, n_head: int, n_head_kv: int) -> int | No
 
 
 ARCHITECTURES_BY_GGUF = {a.gguf_name: a.permute_qk for a in ARCHITECTURES.values()}
+# the HF class written back for a GGUF architecture (mistral is written as llama: the same layout)
+_HF_BY_GGUF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -172,6 +175,19 @@ def _base_config(base: str | Path | None) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     return config
+
+
+def _recorded_config(adapter: Adapter) -> dict[str, Any]:
+    """The architecture and head counts a GGUF input recorded when it was read (``read_adapter``), as
+    the config.json fields ``save_adapter`` reads; without them the base model is needed."""
+    recorded = adapter.config.get(FORMAT) if adapter.config.get("format") == FORMAT else None
+    if not isinstance(recorded, dict) or not recorded.get("architecture") or not recorded.get("head_count"):
+        return _base_config(None)  # the one error line asking for --base
+    return {
+        "architectures": [recorded["architecture"]],
+        "num_attention_heads": recorded["head_count"],
+        "num_key_value_heads": recorded.get("head_count_kv") or recorded["head_count"],
+    }
 
 
 def check_writable(adapter: Adapter) -> None:
@@ -218,7 +234,7 @@ def save_adapter(
     if dtype not in (None, "auto"):
         raise InvalidInputError("GGUF output keeps the factors' dtypes; leave --dtype at auto")
     check_writable(adapter)
-    config = _base_config(base)
+    config = _base_config(base) if base is not None else _recorded_config(adapter)
     names = config.get("architectures") or []
     arch_hf = (
         names[0] if isinstance(names, list) and names else _BY_MODEL_TYPE.get(str(config.get("model_type")))
@@ -359,7 +375,12 @@ def read_adapter(path: Path, source: Source | None = None) -> Adapter:
         modules[name] = LoraModule(name=name, A=A, B=B, scale=scale)
     if not modules:
         raise AdapterFormatError(f"{path}: no LoRA tensors")
-    config = _json_field(reader, CONFIG_KEY, path) or {}
+    config = dict(_json_field(reader, CONFIG_KEY, path) or {})
+    # what writing it back as GGUF needs without the base model (``_base_config``)
+    config.update(
+        format=FORMAT,
+        gguf={"architecture": _HF_BY_GGUF[arch], "head_count": n_head, "head_count_kv": n_head_kv},
+    )
     provenance = _json_field(reader, PROVENANCE_KEY, path)
     src = source or Source(path=str(path))
     src = Source(path=src.path, repo_id=src.repo_id, revision=src.revision, sha256=file_sha256(path))
