@@ -57,10 +57,10 @@ from adapterops.errors import (
     UnsupportedAdapterError,
 )
 from adapterops.io.atomic import atomic_output_file
+from adapterops.io.peft import PROVENANCE_KEY, provenance_from_metadata
 from adapterops.io.safetensors_file import read_header, save_tensors
 
 FORMAT = "kohya"
-PROVENANCE_KEY = "adapterops"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TE1, TE2 = "text_encoder.", "text_encoder_2."
 
@@ -292,7 +292,7 @@ def read_adapter(
         modules=modules,
         config={"format": FORMAT, FORMAT: kohya},
         source=source,
-        provenance=_provenance(path, metadata),
+        provenance=provenance_from_metadata(path, metadata),
     )
 
 
@@ -329,21 +329,6 @@ def _module(
         kind=ModuleKind.CONV if kernel else ModuleKind.LINEAR,
         kernel_size=kernel,
     )
-
-
-def _provenance(path: Path, metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    if PROVENANCE_KEY not in metadata:
-        return None
-    try:
-        record = json.loads(metadata[PROVENANCE_KEY])
-    except (ValueError, RecursionError):
-        record = None
-    if not isinstance(record, dict):
-        raise AdapterFormatError(
-            f"{path}: metadata {PROVENANCE_KEY!r} is not the JSON object adapterops writes; the file was "
-            "modified: remove that metadata entry or save the adapter again"
-        )
-    return record
 
 
 # --------------------------------------------------------------------------------------------- write

@@ -171,13 +171,13 @@ def read_adapter(directory: Path, source: Source | None = None) -> Adapter:
         source = Source(path=str(directory))
     source = Source(path=source.path, repo_id=source.repo_id, revision=source.revision, sha256=sha256)
     kept = {k: v for k, v in config.items() if k in PASSTHROUGH_FIELDS}
-    provenance = _provenance(where, metadata)
+    provenance = provenance_from_metadata(where, metadata)
     return Adapter(
         modules=modules, full_tensors=full_tensors, config=kept, source=source, provenance=provenance
     )
 
 
-def _provenance(where: Path, metadata: Mapping[str, str]) -> dict[str, Any] | None:
+def provenance_from_metadata(where: Path, metadata: Mapping[str, str]) -> dict[str, Any] | None:
     """The record adapterops wrote into the metadata, if any: a JSON object, or the file is refused."""
     if PROVENANCE_KEY not in metadata:
         return None
