@@ -34,7 +34,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from adapterops.adapter import Solver
-from adapterops.ops.lowrank import LowRank, RankPolicy, best_low_rank, numerical_rank, suffix_energies
+from adapterops.ops.lowrank import (
+    Dense,
+    LowRank,
+    RankPolicy,
+    best_low_rank,
+    numerical_rank,
+    suffix_energies,
+)
 
 REFINE_TOL = 1e-4  # one more iteration may lower the error energy by at most this share of what is left
 MAX_REFINE = 6  # float64 power iterations after the sketch before the exact SVD is used instead
@@ -50,10 +57,11 @@ def factor_difference(
     it, with a ``note`` (``RankPolicy.pick``). ``rel_error`` is measured on the factors as rounded to
     ``dtype``.
     """
-    total = float(M.pow(2).sum())
-    low = best_low_rank(M, policy, exact_limit=exact_limit, seed=seed)
+    dense = Dense.of(M)  # ||M||^2 once, for the solver and the checks
+    total = dense.total
+    low = best_low_rank(dense, policy, exact_limit=exact_limit, seed=seed)
     if low.solver is Solver.RANDOMIZED:
-        low = _checked(M, low, policy, total)
+        low = _checked(dense, low, policy)
     A, B = low.A.to(dtype), low.B.to(dtype)
     return replace(
         low, A=A, B=B, energy_kept=min(low.energy_kept, 1.0), rel_error=measured_error(M, A, B, total)
@@ -86,12 +94,13 @@ def spectrum(M: torch.Tensor, *, max_rank: int | None, exact_limit: int, seed: i
         S = torch.linalg.svdvals(M)
         limit = numerical_rank(S, (out, inp))
         return Spectrum(suffix_energies(S, max(1, min(limit, max_rank or limit))), False, Solver.DENSE)
-    total = float(M.pow(2).sum())
+    dense = Dense.of(M)
+    total = dense.total
     count = min(max_rank or SPECTRUM_CAP, full)
     policy = RankPolicy(rank=count)
-    low = best_low_rank(M, policy, exact_limit=exact_limit, seed=seed)
+    low = best_low_rank(dense, policy, exact_limit=exact_limit, seed=seed)
     if low.solver is Solver.RANDOMIZED:
-        low = _checked(M, low, policy, total)
+        low = _checked(dense, low, policy)
     # the factors split each singular value evenly: s_j = ||B[:, j]|| ||A[j]||
     S = (low.B.norm(dim=0) * low.A.norm(dim=1)).sort(descending=True).values
     k = max(1, min(numerical_rank(S, (out, inp)), count))
@@ -100,10 +109,11 @@ def spectrum(M: torch.Tensor, *, max_rank: int | None, exact_limit: int, seed: i
     return Spectrum(tails, max_rank is None and k == count < full, low.solver)
 
 
-def _checked(M: torch.Tensor, low: LowRank, policy: RankPolicy, total: float) -> LowRank:
+def _checked(dense: Dense, low: LowRank, policy: RankPolicy) -> LowRank:
     """The randomized result refined by float64 power iterations until one more would lower the error
     energy by at most ``REFINE_TOL`` of what is left, or the exact SVD where ``MAX_REFINE`` of them do
     not get there (see the module docstring)."""
+    M, total = dense.held, dense.total
     Q = torch.linalg.qr(low.B.double())[0]  # (out, k): the sketch's left singular subspace
     Z = M.T @ Q  # (in, k)
     tail = total - float(Z.pow(2).sum())
@@ -117,7 +127,7 @@ def _checked(M: torch.Tensor, low: LowRank, policy: RankPolicy, total: float) ->
             break
         Z = C.T
     else:
-        return best_low_rank(M, policy, exact_limit=min(M.shape))
+        return best_low_rank(dense, policy, exact_limit=min(M.shape))
     U, S, Vh = torch.linalg.svd(C, full_matrices=False)
     root = S.sqrt()
     B = (Q @ U) * root[None, :]
