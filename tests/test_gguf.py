@@ -344,3 +344,6 @@ def test_a_verb_on_a_gguf_input_writes_gguf_without_the_base(tmp_path: Path) -> 
     )
     assert refused.exit_code == 2 and "is a directory, not a .gguf file" in refused.output
     assert not (tmp_path / "c.gguf").exists()
+    with pytest.raises(InvalidInputError, match="is a directory, not a .safetensors file"):
+        ao.save_adapter(ao.load_adapter(tmp_path / "a"), tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()

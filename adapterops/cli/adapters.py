@@ -324,26 +324,12 @@ def _adapter_command(record: type, kwargs: dict[str, Any], work: Callable[[Any],
     out.run(lambda: _write(work(out), output, force, write, out))
 
 
-def _check_output_form(adapter: Any, output: Path) -> None:
-    """A result is written in its input's format: a file name for a directory format would hide it."""
-    from adapterops.errors import InvalidInputError
-    from adapterops.io import FORMATS
-
-    fmt = str(adapter.config.get("format", "peft"))
-    if fmt in FORMATS and not FORMATS[fmt].single_file and output.suffix in (".safetensors", ".gguf"):
-        raise InvalidInputError(
-            f"{output}: the result is a {fmt} adapter, which is a directory, not a {output.suffix} file; "
-            f"name the output without {output.suffix}, then `adapterops convert` it --to kohya or gguf"
-        )
-
-
 def _write(adapter: Any, output: Path, force: bool, write: WriteOptions, out: Any) -> None:
     """Save with the command line and the summary in the record, print the summary, push if asked."""
     from adapterops.adapter import Solver
     from adapterops.io import save_adapter
     from adapterops.report import summarize, summary_line
 
-    _check_output_form(adapter, output)
     summary = summarize(adapter.report, (adapter.provenance or {}).get("budget"))
     argv = click.get_current_context().find_root().meta.get("argv", [])
     provenance = dict(adapter.provenance or {})

@@ -107,4 +107,11 @@ def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = Non
         format = str(adapter.config.get("format", "peft"))
     if format not in FORMATS:
         raise InvalidInputError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
+    suffix = Path(path).suffix
+    if not FORMATS[format].single_file and suffix in (".safetensors", ".gguf"):
+        # a directory under a file's name would hide what was written
+        raise InvalidInputError(
+            f"{path}: the result is a {format} adapter, which is a directory, not a {suffix} file; name the "
+            f"output without {suffix}, or convert it --to kohya or gguf"
+        )
     return FORMATS[format].write(adapter, path, **options)
