@@ -347,3 +347,19 @@ def test_a_verb_on_a_gguf_input_writes_gguf_without_the_base(tmp_path: Path) -> 
     with pytest.raises(InvalidInputError, match="is a directory, not a .safetensors file"):
         ao.save_adapter(ao.load_adapter(tmp_path / "a"), tmp_path / "d.safetensors")
     assert not (tmp_path / "d.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "junk"])
+def test_a_damaged_gguf_file_is_one_error_line(tmp_path: Path, damage: str) -> None:
+    """A cut-short adapter (the header survives, the tensors do not) or bytes that only start like GGUF."""
+    adapter = make_adapter(tiny_llama, tmp_path / "a", seed=4, target_modules=ALL, r=4, lora_alpha=8)
+    good = ao.convert(adapter, tmp_path / "a.gguf", to="gguf", base=base_dir(tiny_llama, tmp_path / "base"))
+    bad = tmp_path / "bad.gguf"
+    data = good.read_bytes()
+    bad.write_bytes(
+        data[: len(data) // 3] if damage == "truncated" else b"GGUF\x03\x00\x00\x00" + b"\xff" * 64
+    )
+    result = CliRunner().invoke(cli, ["resize", str(bad), "--rank", "1", "-o", str(tmp_path / "out.gguf")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "bad.gguf" in result.output
+    assert not (tmp_path / "out.gguf").exists()
