@@ -318,3 +318,20 @@ def test_a_language_model_adapter_has_no_kohya_form(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "is not a module of a Stable Diffusion UNet or CLIP text encoder" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("part", "value"), [("alpha", float("nan")), ("alpha", float("inf")), ("lora_down", float("nan"))]
+)
+def test_non_finite_values_are_refused(tmp_path: Path, part: str, value: float) -> None:
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {
+        f"{key}.lora_down.weight": torch.randn(4, 8),
+        f"{key}.lora_up.weight": torch.randn(8, 4),
+        f"{key}.alpha": torch.tensor(2.0),
+    }
+    name = f"{key}.alpha" if part == "alpha" else f"{key}.lora_down.weight"
+    tensors[name] = torch.full_like(tensors[name], value)
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    with pytest.raises(AdapterOpsError, match=f"{part} contains NaN or Inf values"):
+        load_adapter(tmp_path / "x.safetensors")
