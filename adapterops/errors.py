@@ -19,6 +19,10 @@ from contextlib import contextmanager
 _SPELLING: contextvars.ContextVar[str] = contextvars.ContextVar("adapterops_spelling", default="python")
 
 
+# options whose CLI flag is not their name (``options.option(flag=...)`` says the same; a test checks)
+FLAGS = {"engine": "--for"}
+
+
 def param(name: str, value: object = None) -> str:
     """How the caller spells option ``name`` (with ``value``): ``--sv-ratio 20`` or ``sv_ratio=20``.
 
@@ -26,7 +30,7 @@ def param(name: str, value: object = None) -> str:
     Python, ``--allow-different-bases`` from the CLI (a flag carries no value there).
     """
     if _SPELLING.get() == "cli":
-        flag = "--" + name.replace("_", "-")
+        flag = FLAGS.get(name) or "--" + name.replace("_", "-")
         return flag if value is None or value is True else f"{flag} {value}"
     return name if value is None else f"{name}={value}"
 

@@ -88,6 +88,16 @@ class OutputDtype(str, Enum):
     FLOAT64 = "float64"
 
 
+class Engine(str, Enum):
+    """A serving engine ``convert --for`` writes for (docs/serving.md: what each one reads)."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    TGI = "tgi"
+    LLAMA_CPP = "llama.cpp"
+    DIFFUSERS = "diffusers"
+
+
 class MergeDtype(str, Enum):
     """How a merge writes a quantized checkpoint's weights: auto keeps the checkpoint's format
     (FP8/int8 with recomputed scales, the error reported); a float dtype dequantizes them all."""
@@ -181,10 +191,23 @@ def option(
     metavar: str | None = None,
     required: bool = False,
     cli: bool = True,
+    flag: str | None = None,
 ) -> Any:
-    """A field with what the CLI and recipes need to know about it (see the module docstring)."""
+    """A field with what the CLI and recipes need to know about it (see the module docstring).
+
+    ``flag`` names the CLI option when it cannot be the field's name (``--for``: a Python keyword);
+    ``errors.FLAGS`` must spell it the same way, so that messages name it as the CLI does.
+    """
     meta = dict(
-        help=help, type=type, min=min, max=max, min_open=min_open, metavar=metavar, required=required, cli=cli
+        help=help,
+        type=type,
+        min=min,
+        max=max,
+        min_open=min_open,
+        metavar=metavar,
+        required=required,
+        cli=cli,
+        flag=flag,
     )
     return field(default=default, metadata=meta)
 
@@ -601,23 +624,38 @@ class VerifyOptions:
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    """``convert``: the output format (a name in ``adapterops.io.FORMATS``, checked there) and, for
+    """``convert``: the output format (a name in ``adapterops.io.FORMATS``, checked there) or the
+    serving engine to write for (``engine``, ``--for`` on the CLI), exactly one of them; and, for
     GGUF, the base model whose config.json gives the architecture and head counts."""
 
-    to: str = option(
+    to: str | None = option(
         None,
         "Output format: peft (an adapter directory) or gguf (one llama.cpp LoRA file); "
         "any format registered in adapterops.io.FORMATS.",
         metavar="FORMAT",
-        required=True,
+    )
+    engine: Engine | None = option(
+        None,
+        "Write for this serving engine instead (docs/serving.md): one rank, scales folded into the factors "
+        "(scale 1), what the engine cannot read refused. vllm, sglang, tgi: a PEFT directory; llama.cpp: "
+        "GGUF (needs --base); diffusers: a kohya file with one alpha.",
+        type=Engine,
+        flag="--for",
     )
     base: Any = option(
         None,
-        "Base model (dir or Hub id): its config.json gives the architecture and head counts; needed for --to gguf.",
+        "Base model (dir or Hub id): its config.json gives the architecture and head counts (--to gguf, "
+        "--for llama.cpp) or the number of layers (--for tgi).",
     )
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        if (self.to is None) == (self.engine is None):
+            raise InvalidInputError(
+                f"give one of {param('to', 'FORMAT')} (a file format) or {param('engine', 'ENGINE')} "
+                f"(a serving engine: {', '.join(e.value for e in Engine)}), "
+                f"{'not both' if self.to is not None else 'none was given'}"
+            )
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from adapterops.options import (
     SPARSIFYING,
     CombineOptions,
     ConvertOptions,
+    Engine,
     Form,
     MajoritySign,
     Method,
@@ -492,22 +493,33 @@ def convert(
     adapter: AdapterRef,
     output: str | Path,
     *,
-    to: str,
+    to: str | None = None,
+    engine: Engine | str | None = None,
     base: str | Path | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``adapter`` at ``output`` in format ``to`` (a name in ``adapterops.io.FORMATS``): the
-    same update in another file format, nothing else changed. ``base`` (a directory or Hub id with
-    the base model's config.json) is needed by formats that name tensors the way a runtime does
-    (``gguf``: llama.cpp's names, q/k row permutation, one alpha for the file: docs/formats.md).
+    """Write ``adapter`` at ``output`` in format ``to`` (a name in ``adapterops.io.FORMATS``), or for
+    serving engine ``engine`` (exactly one of them). ``base`` (a directory or Hub id with the base
+    model's config.json) is needed by formats that name tensors the way a runtime does (``gguf`` and
+    ``engine="llama.cpp"``: llama.cpp's names, q/k row permutation, one alpha: docs/formats.md).
 
-    Returns the path written. Refused with one line: what the target format cannot hold (for GGUF:
-    DoRA, lora_B bias, modules stored whole, parameter targets, unmapped architectures or modules).
+    ``to``: the same update in another file format, nothing else changed. ``engine`` (vllm, sglang,
+    tgi, llama.cpp, diffusers): what that engine reads exactly as PEFT does (``serving.prepare``:
+    one rank, scales folded into lora_B, the rounding error measured; docs/serving.md).
+
+    Returns the path written. Refused with one line: what the target format or engine cannot hold
+    (DoRA, lora_B bias, modules stored whole, modules the engine does not apply LoRA to, ...).
 
     Example:
         >>> convert("./peft-adapter", "adapter.gguf", to="gguf", base="./base")
+        >>> convert("./peft-adapter", "./for-vllm", engine="vllm")
     """
-    opts = ConvertOptions(to=to, base=base)
+    opts = ConvertOptions(to=to, engine=cast(Engine, engine), base=base)  # the record converts a str
+    if opts.engine is not None:
+        from adapterops import serving
+
+        return serving.write(as_adapter(adapter), output, opts.engine, base=opts.base, force=force)[0]
+    assert opts.to is not None  # ConvertOptions: exactly one of to / engine
     if opts.to not in FORMATS:
         raise InvalidInputError(f"unknown {param('to')} {opts.to!r}; choose one of {', '.join(FORMATS)}")
     fmt = FORMATS[opts.to]

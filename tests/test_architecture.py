@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
         "adapterops.recipe",
         "adapterops.hub",
         "adapterops.info",
+        "adapterops.serving",
     ),
     ("adapterops.cli",),
     ("adapterops", "adapterops.__main__"),

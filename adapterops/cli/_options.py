@@ -21,7 +21,7 @@ def click_option(f: Field[Any], *, help: str | None = None) -> Decorator:
     """The click option for one field of an options record."""
     meta = f.metadata
     kind = meta["type"]
-    flag = "--" + f.name.replace("_", "-")
+    flag = meta.get("flag") or "--" + f.name.replace("_", "-")
     text = help or meta["help"]
     if kind == WEIGHTS:
         return click.option("-w", "--weights", f.name, type=float, multiple=True, help=text)

@@ -238,31 +238,43 @@ def info(adapter: str, base: str | None, **kwargs: Any) -> None:
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @display_options
 def convert(adapter: str, **kwargs: Any) -> None:
-    """Write an adapter in another format; the update is the same (docs/formats.md).
+    """Write an adapter in another format (--to), or for a serving engine (--for); the update is the
+    same (docs/formats.md, docs/serving.md).
 
     GGUF (llama.cpp) needs --base for the architecture and head counts; one alpha holds for the whole
     file, so a module whose scale differs has it folded into its lora_b (float32, one rounding).
+
+    --for vllm, sglang or tgi (needs --base) writes a PEFT directory with one r and lora_alpha = r:
+    every module's scale (alpha/r, rsLoRA, rank/alpha patterns) folded into lora_B, ranks zero-padded
+    to the largest; the rounding error is measured and printed. --for diffusers writes a kohya file
+    with one alpha; --for llama.cpp a GGUF file (needs --base). What the engine cannot read is
+    refused (use adapterops merge).
 
     \b
     Examples:
       adapterops convert ./peft-adapter --to gguf --base ./base -o adapter.gguf
       adapterops convert adapter.gguf --to peft -o ./peft-adapter
+      adapterops convert ./peft-adapter --for vllm -o ./for-vllm
+      adapterops convert ./peft-adapter --for tgi --base ./base -o ./for-tgi
+      adapterops convert lora.safetensors --for diffusers -o one-alpha.safetensors
     """
     from adapterops import verbs
     from adapterops.io import load_adapter
 
     out = pop_display(kwargs)
     output, force = kwargs.pop("output"), kwargs.pop("force")
-    ConvertOptions(**kwargs)
+    opts = ConvertOptions(**kwargs)
 
     def work() -> dict[str, Any]:
         loaded = load_adapter(adapter)
+        summary: dict[str, Any] = {"modules": len(loaded.modules)}
+        if opts.engine is not None:
+            from adapterops import serving
+
+            written, served = serving.write(loaded, output, opts.engine, base=opts.base, force=force)
+            return {"output": str(written), **summary, **served.as_dict()}
         written = verbs.convert(loaded, output, force=force, **kwargs)
-        summary: dict[str, Any] = {
-            "output": str(written),
-            "format": kwargs["to"],
-            "modules": len(loaded.modules),
-        }
+        summary.update(output=str(written), format=kwargs["to"])
         if kwargs["to"] == "gguf":
             from adapterops.io.gguf import file_alpha
 
@@ -274,6 +286,9 @@ def convert(adapter: str, **kwargs: Any) -> None:
     if out.as_json:
         out.json(summary)
         return
+    if "engine" in summary:
+        _print_served(summary, out)
+        return
     line = f"wrote {summary['output']}: {summary['format']}, {summary['modules']} modules"
     if "alpha" in summary:
         line += f", alpha {summary['alpha']:g}"
@@ -282,6 +297,27 @@ def convert(adapter: str, **kwargs: Any) -> None:
     if out.verbose:
         for name in summary.get("folded", []):
             out.line(f"{name}: scale folded into lora_b (float32, one rounding)")
+    out.line(line)
+
+
+def _print_served(summary: dict[str, Any], out: Any) -> None:
+    """convert --for: what was written, and what folding and padding did (the error measured)."""
+    line = f"wrote {summary['output']}: for {summary['engine']} ({summary['format']}), {summary['modules']} modules"
+    if summary["rank"] is not None:
+        line += f", r {summary['rank']}"
+    line += f", alpha {summary['alpha']:g}"
+    if summary["folded"]:
+        line += (
+            f"; scale folded into lora_b of {len(summary['folded'])} modules "
+            f"(max relative error {summary['max_rel_error']:.2g})"
+        )
+    if summary["padded"]:
+        line += f"; {len(summary['padded'])} modules zero-padded (exact)"
+    if out.verbose:
+        for name in summary["folded"]:
+            out.line(f"{name}: scale folded into lora_b (one rounding)")
+        for name in summary["padded"]:
+            out.line(f"{name}: rank zero-padded to {summary['rank']}")
     out.line(line)
 
 

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
-from adapterops.errors import AdapterFormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
+from adapterops.errors import AdapterFormatError, InvalidInputError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_file
-from adapterops.io.refs import resolve
+from adapterops.io.refs import base_config
 
 SUFFIX = ".gguf"
 FORMAT = "gguf"
@@ -164,17 +164,7 @@ def _base_config(base: str | Path | None) -> dict[str, Any]:
         raise InvalidInputError(
             "writing GGUF needs the base model's config.json (architecture, head counts): pass --base BASE"
         )
-    resolved = resolve(base, allow_patterns=["config.json"], what="base model")
-    path = resolved.path / "config.json"
-    if not path.is_file():
-        raise NotFoundError(f"{base}: no config.json; pass the base model directory (or Hub id) as --base")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:
-        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{path}: expected a JSON object")
-    return config
+    return base_config(base)
 
 
 def _recorded_config(adapter: Adapter) -> dict[str, Any]:

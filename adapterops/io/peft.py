@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -381,7 +381,12 @@ _DTYPES = {
 
 
 def save_adapter(
-    adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | str | None = None
+    adapter: Adapter,
+    path: str | Path,
+    *,
+    force: bool = False,
+    dtype: torch.dtype | str | None = None,
+    target_modules: Sequence[str] | None = None,
 ) -> Path:
     """Write ``adapter`` as a PEFT adapter directory at ``path``, atomically.
 
@@ -390,6 +395,9 @@ def save_adapter(
         path: the output directory; it appears complete or not at all.
         force: replace an existing ``path``.
         dtype: storage dtype of the factors (a torch dtype or its name); None or ``"auto"`` keeps them.
+        target_modules: the config's target_modules instead of the full module names, e.g. their last
+            components (``q_proj``), as serving engines match them; each module must match one the
+            way PEFT matches (its name, or a suffix after a dot).
 
     Example:
         >>> save_adapter(combine(["./a", "./b"]), "./mix")
@@ -398,6 +406,8 @@ def save_adapter(
     if isinstance(dtype, str):
         dtype = None if dtype == "auto" else _DTYPES[dtype]
     config = output_config(adapter)
+    if target_modules is not None:
+        config["target_modules"] = _checked_targets(adapter, target_modules)
     metadata = {"format": "pt"}
     if adapter.provenance:
         metadata[PROVENANCE_KEY] = json.dumps(adapter.provenance, sort_keys=True)
@@ -418,3 +428,14 @@ def save_adapter(
         )
         (tmp / "README.md").write_text(card)
     return target
+
+
+def _checked_targets(adapter: Adapter, targets: Sequence[str]) -> list[str]:
+    """``targets`` as a sorted list, once each module is known to match one (PEFT's rule for a list:
+    the module's name equals the entry or ends with ``.`` + entry)."""
+    for name in adapter.modules:
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            raise AdapterFormatError(
+                f"module {name} matches none of target_modules {sorted(targets)}; PEFT would not load it"
+            )
+    return sorted(set(targets))

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapterops.errors import AdapterFormatError, HubError, NotFoundError
 from adapterops.io.sniff import unsupported_file_error
@@ -156,3 +157,21 @@ def _snapshot(
         ) from None
     # snapshot folders are named after the commit the revision resolved to
     return Resolved(path=folder, repo_id=repo_id, revision=folder.name)
+
+
+def base_config(base: str | Path) -> dict[str, Any]:
+    """The base model's ``config.json`` (a local directory or Hub id; only that file is fetched),
+    checked to be a JSON object."""
+    import json
+
+    resolved = resolve(base, allow_patterns=["config.json"], what="base model")
+    path = resolved.path / "config.json"
+    if not path.is_file():
+        raise NotFoundError(f"{base}: no config.json; pass the base model directory (or Hub id) as --base")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object")
+    return config
