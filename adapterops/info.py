@@ -27,7 +27,7 @@ def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]
 
     Example: ``describe("./style-a")["modules"][0]["r"]`` is the first module's rank.
     """
-    adapter = as_adapter(adapter)
+    adapter = as_adapter(adapter, base)
     weights = None if base is None else as_base(base)
     modules = []
     for name, m in adapter.modules.items():

@@ -386,7 +386,14 @@ class RankTarget:
             raise InvalidInputError(f"{verb} needs a target: give {target_hint()}; or {budget_hint()}")
 
 
-_BASE_HELP = "Base checkpoint (dir or Hub id): needed for DoRA inputs and --form dora."
+_BASE_HELP = (
+    "Base checkpoint (dir, .safetensors file or Hub id): needed for DoRA inputs and --form dora; names the "
+    "modules of kohya files (SDXL, Flux)."
+)
+_NAMING_BASE_HELP = (
+    "Base checkpoint (dir, .safetensors file or Hub id) whose weight names map a kohya file's flattened names "
+    "back to modules (needed for SDXL and Flux files)."
+)
 _FORM_HELP = (
     "Output form. dora (needs --base) holds any weighted sum of DoRA and LoRA updates exactly; lora "
     "approximates DoRA inputs (and warns); auto: dora when an input is DoRA and the method is exact."
@@ -514,6 +521,8 @@ class ScaleOptions(NegateOptions):
 
 @dataclass(frozen=True)
 class ResizeOptions(RankTarget):
+    base: Any = option(None, _NAMING_BASE_HELP)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self._require_target("resize")
@@ -644,8 +653,9 @@ class ConvertOptions:
     )
     base: Any = option(
         None,
-        "Base model (dir or Hub id): its config.json gives the architecture and head counts (--to gguf, "
-        "--for llama.cpp) or the number of layers (--for tgi).",
+        "Base model (dir, .safetensors file or Hub id): its config.json gives the architecture and head "
+        "counts (--to gguf, --for llama.cpp) or the number of layers (--for tgi); names the modules of a "
+        "kohya input (SDXL, Flux).",
     )
 
     def __post_init__(self) -> None:

@@ -134,9 +134,10 @@ def read_record(checkpoint: Checkpoint) -> dict[str, Any]:
     strings and weights numbers. Anything else is an error that names the file.
     """
     path = checkpoint.root / RECORD_NAME
-    where = str(path) if path.is_file() else f"{checkpoint.describe()} (shard metadata {RECORD_KEY!r})"
+    sidecar = path.is_file() and not checkpoint.single_file  # a single file's folder is not its own
+    where = str(path) if sidecar else f"{checkpoint.describe()} (shard metadata {RECORD_KEY!r})"
     try:
-        if path.is_file():
+        if sidecar:
             record = json.loads(path.read_text())
         else:
             texts = [s.metadata[RECORD_KEY] for s in checkpoint.shards if RECORD_KEY in s.metadata]
@@ -281,7 +282,7 @@ def recorded_norms(checkpoint: Checkpoint, adapter: Adapter) -> dict[str, torch.
     path = checkpoint.root / NORMS_NAME
     if not path.is_file():
         path = checkpoint.root / LEGACY_NORMS_NAME
-    if not path.is_file():
+    if not path.is_file() or checkpoint.single_file:
         raise UnsupportedAdapterError(
             f"{checkpoint.describe()}: no {NORMS_NAME}; a DoRA merge cannot be undone without the row norms its "
             "merge recorded (merge with adapterops to keep them)"

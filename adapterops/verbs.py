@@ -25,7 +25,7 @@ from adapterops.errors import (
     UnsupportedAdapterError,
     param,
 )
-from adapterops.io import FORMATS, load_adapter, save_adapter
+from adapterops.io import FORMATS, kohya, load_adapter, save_adapter
 from adapterops.io.checkpoint import BaseWeights, Checkpoint
 from adapterops.ops.budget import apply_budget
 from adapterops.ops.combine import (
@@ -66,9 +66,16 @@ BaseRef = str | Path | Checkpoint | BaseWeights
 Progress = Callable[[str], None]
 
 
-def as_adapter(ref: AdapterRef) -> Adapter:
-    """An ``Adapter`` as it is, or loaded from a path or Hub id."""
-    return ref if isinstance(ref, Adapter) else load_adapter(ref)
+def as_adapter(ref: AdapterRef, base: BaseRef | None = None) -> Adapter:
+    """An ``Adapter`` as it is, or loaded from a path or Hub id; ``base`` names a kohya file's modules."""
+    if isinstance(ref, Adapter):
+        return ref
+    return load_adapter(ref, base=_naming(base))
+
+
+def _naming(base: BaseRef | None) -> str | Path | Checkpoint | None:
+    """What ``load_adapter`` reads names from: the checkpoint a ``BaseWeights`` reads."""
+    return base.checkpoint if isinstance(base, BaseWeights) else base
 
 
 def as_base(base: BaseRef) -> BaseWeights:
@@ -164,7 +171,7 @@ def combine(
         form=cast(Form, form),
         exact_limit=exact_limit,
     )
-    loaded = [as_adapter(a) for a in adapters]
+    loaded = [as_adapter(a, base) for a in adapters]
     if not loaded:
         raise InvalidInputError("combine needs at least one adapter")
     checked = check_weights(weights, len(loaded))
@@ -207,7 +214,7 @@ def negate(
     Example: ``negate("./toxic")`` has ``lora_B`` of ``-B`` and the same ``lora_A`` and scale.
     """
     opts = NegateOptions(base=base, form=cast(Form, form))
-    return _single("negate", as_adapter(adapter), -1.0, opts.base, opts.form, progress)
+    return _single("negate", as_adapter(adapter, base), -1.0, opts.base, opts.form, progress)
 
 
 def scale(
@@ -224,7 +231,7 @@ def scale(
     Example: ``scale(a, 0.5)`` keeps ``A`` and ``B`` bit for bit and halves each module's scale.
     """
     opts = ScaleOptions(base=base, form=cast(Form, form), by=by)
-    return _single("scale", as_adapter(adapter), opts.by, opts.base, opts.form, progress, by=opts.by)
+    return _single("scale", as_adapter(adapter, base), opts.by, opts.base, opts.form, progress, by=opts.by)
 
 
 def resize(
@@ -236,6 +243,7 @@ def resize(
     max_rank: int | None = None,
     budget_params: int | str | None = None,
     budget_error: float | None = None,
+    base: BaseRef | None = None,
     progress: Progress | None = None,
 ) -> Adapter:
     """Best low-rank form of each module of one LoRA adapter (Eckart-Young on dW, from the factors).
@@ -247,6 +255,7 @@ def resize(
     to minimize the total squared error (docs/math.md), the totals in ``provenance["budget"]``.
     ``max_rank`` caps any of them, or alone each module's exact rank. Modules already at or below the
     target rank are re-factored losslessly. A DoRA adapter is refused: convert it with ``to_lora``.
+    ``base`` names a kohya file's modules (SDXL, Flux: see ``load_adapter``).
 
     Example: ``resize("./big", rank=8)``: every module at rank <= 8, its error in the report;
     ``resize("./big", budget_params="20M")``: at most 20,000,000 parameters, the least total error.
@@ -258,8 +267,9 @@ def resize(
         max_rank=max_rank,
         budget_params=cast(int, budget_params),  # the record parses "20M"
         budget_error=budget_error,
+        base=base,
     )
-    loaded = as_adapter(adapter)
+    loaded = as_adapter(adapter, base)
     if loaded.is_dora:
         raise UnsupportedAdapterError(
             f"{loaded.describe()}: resize works on LoRA adapters; a DoRA adapter's update depends on the base "
@@ -501,7 +511,8 @@ def convert(
     """Write ``adapter`` at ``output`` in format ``to`` (a name in ``adapterops.io.FORMATS``), or for
     serving engine ``engine`` (exactly one of them). ``base`` (a directory or Hub id with the base
     model's config.json) is needed by formats that name tensors the way a runtime does (``gguf`` and
-    ``engine="llama.cpp"``: llama.cpp's names, q/k row permutation, one alpha: docs/formats.md).
+    ``engine="llama.cpp"``: llama.cpp's names, q/k row permutation, one alpha: docs/formats.md),
+    and names a kohya input's modules (SDXL, Flux: ``load_adapter``).
 
     ``to``: the same update in another file format, nothing else changed. ``engine`` (vllm, sglang,
     tgi, llama.cpp, diffusers): what that engine reads exactly as PEFT does (``serving.prepare``:
@@ -518,18 +529,26 @@ def convert(
     if opts.engine is not None:
         from adapterops import serving
 
-        return serving.write(as_adapter(adapter), output, opts.engine, base=opts.base, force=force)[0]
+        return serving.write(
+            as_adapter(adapter, opts.base), output, opts.engine, base=opts.base, force=force
+        )[0]
     assert opts.to is not None  # ConvertOptions: exactly one of to / engine
     if opts.to not in FORMATS:
         raise InvalidInputError(f"unknown {param('to')} {opts.to!r}; choose one of {', '.join(FORMATS)}")
     fmt = FORMATS[opts.to]
     takes_base = "base" in inspect.signature(fmt.write).parameters
-    if opts.base is not None and not takes_base:
-        raise InvalidInputError(f"{param('base')} is not used by {param('to', opts.to)}; drop it")
+    if isinstance(adapter, Adapter):
+        names_kohya = adapter.config.get("format") == kohya.FORMAT
+    else:
+        names_kohya = kohya.detect(Path(adapter).expanduser())
+    if opts.base is not None and not takes_base and not names_kohya:
+        raise InvalidInputError(
+            f"{param('base')} is not used by {param('to', opts.to)} (it names only a kohya input's modules); drop it"
+        )
     from adapterops.io.atomic import check_output_path
 
     check_output_path(Path(output).absolute(), force=force, file=fmt.single_file)
-    loaded = as_adapter(adapter)
+    loaded = as_adapter(adapter, opts.base)
     options: dict[str, Any] = {"force": force}
     if takes_base:
         options["base"] = opts.base

@@ -278,7 +278,7 @@ def test_bad_files_are_refused_with_one_line(tmp_path: Path, unet_dir: Path, bas
     _one_line(excinfo, "base=")
     with pytest.raises(AdapterOpsError) as excinfo:
         load_adapter(sdxl, base=unet_dir)
-    _one_line(excinfo, "matches no module")
+    _one_line(excinfo, "original single-file checkpoint")
 
 
 def test_provenance_is_written_as_json(tmp_path: Path, base: dict) -> None:

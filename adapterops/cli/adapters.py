@@ -57,7 +57,7 @@ def combine(adapters: tuple[str, ...], **kwargs: Any) -> None:
     from adapterops import verbs
 
     def work(out: Any) -> Any:
-        loaded = _load_all(adapters, out)
+        loaded = _load_all(adapters, out, kwargs.get("base"))
         with out.progress("combining", len(set().union(*(a.modules for a in loaded)))) as advance:
             return verbs.combine(loaded, progress=advance, **kwargs)
 
@@ -202,7 +202,9 @@ def extract(finetuned: str, base: str, **kwargs: Any) -> None:
 @click.command()
 @click.argument("adapter")
 @click.option(
-    "--base", help="Base checkpoint: adds DoRA magnitudes against base row norms and effective update norms."
+    "--base",
+    help="Base checkpoint: adds DoRA magnitudes against base row norms and effective update norms; names a "
+    "kohya file's modules (SDXL, Flux).",
 )
 @display_options
 def info(adapter: str, base: str | None, **kwargs: Any) -> None:
@@ -266,7 +268,7 @@ def convert(adapter: str, **kwargs: Any) -> None:
     opts = ConvertOptions(**kwargs)
 
     def work() -> dict[str, Any]:
-        loaded = load_adapter(adapter)
+        loaded = load_adapter(adapter, base=kwargs["base"])
         summary: dict[str, Any] = {"modules": len(loaded.modules)}
         if opts.engine is not None:
             from adapterops import serving
@@ -324,13 +326,14 @@ def _print_served(summary: dict[str, Any], out: Any) -> None:
 # ----------------------------------------------------------------------------------------------- shared
 
 
-def _load_all(refs: tuple[str, ...], out: Any) -> list[Any]:
+def _load_all(refs: tuple[str, ...], out: Any, base: str | None = None) -> list[Any]:
+    """The adapters; ``base`` (--base) names the modules of kohya files."""
     from adapterops.io import load_adapter
 
     adapters = []
     with out.progress("loading", len(refs)) as advance:
         for ref in refs:
-            adapters.append(load_adapter(ref))
+            adapters.append(load_adapter(ref, base=base))
             advance(ref)
     return adapters
 
@@ -339,7 +342,7 @@ def _one(out: Any, verb: str, ref: str, function: Callable[..., Any], kwargs: di
     """Load one adapter and run a verb on it under a progress bar."""
     from adapterops.io import load_adapter
 
-    loaded = load_adapter(ref)
+    loaded = load_adapter(ref, base=kwargs.get("base"))  # --base also names a kohya file's modules
     with out.progress(verb, len(loaded.modules)) as advance:
         return function(loaded, progress=advance, **kwargs)
 

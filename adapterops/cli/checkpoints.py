@@ -33,7 +33,11 @@ def _checkpoint_options(record: type) -> Any:
         func = click.option("--force", is_flag=True, help="Replace the output directory if it exists.")(func)
         func = options_from(record)(func)
         return click.option(
-            "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
+            "-o",
+            "--output",
+            required=True,
+            type=click.Path(path_type=Path),
+            help="Output directory; one .safetensors file when the base is one.",
         )(func)
 
     return decorate
@@ -102,7 +106,9 @@ def merge(base: str, adapters: tuple[str, ...], **kwargs: Any) -> None:
     the base's tensor names, dtypes and shards, its other files, and a record of what was merged.
     FP8/int8 bases are written back in their format with new scales, the error reported (-v: per
     tensor); --dtype bfloat16 writes them dequantized instead (bitsandbytes bases need it). A
-    merge that changes one side of a tied lm_head unties it, and says so.
+    merge that changes one side of a tied lm_head unties it, and says so. A single-file checkpoint
+    (an original SD, SDXL or Flux .safetensors) merges into one file; kohya adapters are named
+    through its keys.
 
     \b
     Examples:
@@ -111,6 +117,7 @@ def merge(base: str, adapters: tuple[str, ...], **kwargs: Any) -> None:
       adapterops merge ./base ./dora-adapter -o ./merged --device cuda
       adapterops merge ./base ./my-lora -o ./merged --dry-run
       adapterops merge ./qwen3-fp8 ./my-lora -o ./merged-bf16 --dtype bfloat16
+      adapterops merge ./sdxl.safetensors style.safetensors -o ./sdxl-styled.safetensors
     """
     _stream("merge", base, adapters, kwargs)
 

@@ -3,10 +3,10 @@
     refs.py              a local directory or Hub id -> a local folder
     peft.py              PEFT adapter directory <-> Adapter (tensors, keys, layouts)
     gguf.py              llama.cpp GGUF LoRA file <-> Adapter (tensor names, alpha, q/k permutation)
-    kohya.py             kohya LoRA / LoCon single files (Stable Diffusion UNet, text encoders) <-> Adapter
+    kohya.py             kohya LoRA / LoCon single files (SD, SDXL, Flux; names through a base) <-> Adapter
     peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
     safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
-    checkpoint.py        checkpoint directories: shards, key matching, layouts, base weights
+    checkpoint.py        checkpoints (directories or one file): shards, key matching, layouts, base weights
     atomic.py            whole-or-nothing output directories
 
 A new adapter format is one module here plus an entry in ``FORMATS``.
@@ -15,15 +15,17 @@ A new adapter format is one module here plus an entry in ``FORMATS``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from adapterops.adapter import Adapter, Source
 from adapterops.errors import InvalidInputError
 from adapterops.io import gguf, kohya, peft
+from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.peft_config import CONFIG_NAME
-from adapterops.io.refs import resolve
+from adapterops.io.refs import SINGLE_FILE_SUFFIXES, hub_files, parse_hub_file, resolve, resolve_hub_file
+from adapterops.io.sniff import unsupported_file_error
 
 __all__ = ["FORMATS", "AdapterFormat", "load_adapter", "save_adapter"]
 
@@ -60,13 +62,18 @@ FORMATS: dict[str, AdapterFormat] = {
 }
 
 
-def load_adapter(ref: str | Path, base: str | Path | Mapping[str, Any] | None = None) -> Adapter:
+def load_adapter(ref: str | Path, base: str | Path | Checkpoint | Mapping[str, Any] | None = None) -> Adapter:
     """Load an adapter from a local path or a Hub id (``org/name`` or ``org/name@rev``).
 
+    A Hub repo with no adapter directory (no adapter_config.json) but one ``.safetensors`` or
+    ``.gguf`` file is read from that file; where it holds several, name one: ``org/name:file`` or
+    ``org/name@rev:file`` (see ``io.refs``).
+
     The format is detected (``FORMATS``: PEFT adapter directories, kohya ``.safetensors`` files,
-    GGUF LoRA files). Tensors keep their stored dtype. ``base`` (kohya files only: a diffusers UNet
-    folder or a state dict) maps kohya's flattened names back to module names through the base's
-    own names.
+    GGUF LoRA files). Tensors keep their stored dtype. ``base`` maps a kohya file's flattened names
+    back to module names through the base's own weight names (``kohya.read_base``: a diffusers
+    folder, a model folder, an original-layout single ``.safetensors`` file, a Hub id, a
+    ``Checkpoint`` or a state dict); other formats name their modules themselves and ignore it.
 
     Raises:
         NotFoundError: a missing path, repo or revision.
@@ -76,18 +83,49 @@ def load_adapter(ref: str | Path, base: str | Path | Mapping[str, Any] | None = 
         >>> load_adapter("org/style@v2").source.revision   # the commit the revision resolved to
     """
     local = Path(ref).expanduser()
-    if kohya.detect(local):  # ``base`` maps kohya's flattened names back to module names
-        return kohya.read_adapter(local, Source(path=str(ref)), base=base)
-    if base is not None:
-        raise InvalidInputError(f"{ref}: a base for reading applies to kohya files only")
-    for fmt in FORMATS.values():  # single files are read where they are; resolve refuses files
-        if fmt.single_file and fmt.detect(local):
-            return fmt.read(local, Source(path=str(ref)))
+    if not local.exists() and parse_hub_file(str(ref)) is not None:  # org/name[@rev]:file
+        file = resolve_hub_file(str(ref))
+        return _read_file(
+            file.path, Source(path=str(ref), repo_id=file.repo_id, revision=file.revision), base
+        )
+    if local.is_file():
+        return _read_file(local, Source(path=str(ref)), base)
     patterns = list(dict.fromkeys(p for f in FORMATS.values() for p in f.hub_files))
     resolved = resolve(ref, allow_patterns=patterns)
     source = Source(path=str(ref), repo_id=resolved.repo_id, revision=resolved.revision)
-    fmt = next((f for f in FORMATS.values() if f.detect(resolved.path)), FORMATS["peft"])
-    return fmt.read(resolved.path, source)
+    fmt = next((f for f in FORMATS.values() if f.detect(resolved.path)), None)
+    if fmt is None and resolved.repo_id is not None and resolved.revision is not None:
+        # no adapter directory in the repo: it may hold one single-file adapter (kohya, GGUF)
+        name = _one_adapter_file(str(ref), resolved.repo_id, resolved.revision)
+        if name is not None:
+            file = resolve_hub_file(f"{resolved.repo_id}@{resolved.revision}:{name}")
+            return _read_file(file.path, replace(source, path=f"{resolved.repo_id}:{name}"), base)
+    return (fmt or FORMATS["peft"]).read(resolved.path, source)
+
+
+def _read_file(path: Path, source: Source, base: Any) -> Adapter:
+    """A single-file adapter in the format it is in; ``base`` names a kohya file's modules."""
+    if kohya.detect(path):
+        return kohya.read_adapter(path, source, base=base)
+    for fmt in FORMATS.values():
+        if fmt.single_file and fmt.detect(path):
+            return fmt.read(path, source)
+    raise unsupported_file_error(path, "adapter")
+
+
+def _one_adapter_file(ref: str, repo_id: str, revision: str) -> str | None:
+    """The repo's one single-file adapter candidate (a .safetensors or .gguf file), None when it has
+    none; several are refused with a line listing them and saying how to name one."""
+    candidates = [n for n in hub_files(repo_id, revision, ref) if n.lower().endswith(SINGLE_FILE_SUFFIXES)]
+    if len(candidates) > 1:
+        listed = ", ".join(candidates[:8]) + (
+            f" and {len(candidates) - 8} more" if len(candidates) > 8 else ""
+        )
+        raise InvalidInputError(
+            f"{ref}: the Hub repo {repo_id} holds no adapter directory and {len(candidates)} adapter files "
+            f"({listed}); name one as {repo_id}:{candidates[0]} (or {repo_id}@<revision>:<file>)"
+        )
+    return candidates[0] if candidates else None
 
 
 def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = None, **options: Any) -> Path:

@@ -48,8 +48,25 @@ from adapterops.io.safetensors_file import Shard, TensorEntry, read_header, read
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# diffusers names a model component's weights (a UNet, a transformer) this way instead
+DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = DIFFUSERS_SINGLE + ".index.json"
 # weight files in other formats would hold the *unmerged* weights: never copied into an output
 FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.ckpt", "*.gguf", "*.onnx", "*.ot")
+
+# where original-layout single files (Stable Diffusion sgm, ComfyUI) keep their models: the denoiser
+# under DENOISER_ROOT (BFL's Flux files have no prefix), the first text encoder as a transformers
+# CLIPTextModel under one of TE1_ROOTS; adapters name them without (kohya: ``text_encoder.`` before
+# the text encoder's own names)
+DENOISER_ROOT = "model.diffusion_model."
+TE1_ROOTS = (
+    "conditioner.embedders.0.transformer.",  # SDXL
+    "cond_stage_model.transformer.",  # SD 1.x
+    "text_encoders.clip_l.transformer.",  # ComfyUI's Flux checkpoints
+)
+# text encoders stored in OpenCLIP's layout (fused in_proj): no adapter module name reaches them
+OPENCLIP_ROOTS = ("conditioner.embedders.1.model.", "cond_stage_model.model.")
+_STORED_ROOTS = (("text_encoder.", TE1_ROOTS), ("", (DENOISER_ROOT,)))
 
 # model types whose linear layers are GPT-2 Conv1D (weight stored in x out), whatever the adapter says
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt"}
@@ -90,6 +107,17 @@ class Checkpoint:
     config: Mapping[str, Any]
     repo_id: str | None = None
     revision: str | None = None
+    # one .safetensors file named as the checkpoint itself (no directory, index or config around it)
+    single_file: bool = False
+
+    @property
+    def index_name(self) -> str:
+        """The index file name this checkpoint uses (transformers' or diffusers')."""
+        return (
+            DIFFUSERS_INDEX
+            if self.shards and self.shards[0].path.name.startswith("diffusion_")
+            else INDEX_NAME
+        )
 
     @cached_property
     def tensors(self) -> Mapping[str, tuple[Shard, TensorEntry]]:
@@ -163,6 +191,8 @@ class Checkpoint:
         return sum(shard.path.stat().st_size for shard in self.shards)
 
     def describe(self) -> str:
+        if self.single_file:
+            return str(self.shards[0].path)
         return f"{self.repo_id}@{self.revision}" if self.repo_id else str(self.root)
 
     @property
@@ -242,6 +272,14 @@ class Checkpoint:
         exact = f"{module}{suffix}"
         if exact in self.tensors:
             return exact
+        if self.single_file:  # a model inside an original-layout file, under its root
+            for prefix, roots in _STORED_ROOTS:
+                if module.startswith(prefix):
+                    found = [
+                        k for r in roots if (k := r + module.removeprefix(prefix) + suffix) in self.tensors
+                    ]
+                    if len(found) == 1:
+                        return found[0]
         if self.tied_head is not None and module.split(".")[-1] == "lm_head" and suffix == ".weight":
             return self.tied_head.embedding  # what the tied head reads; a merge writes it untied
         names = self.load_names
@@ -431,7 +469,9 @@ class Checkpoint:
         Each is a regular file inside the checkpoint directory: a link leading out of it, or a pipe,
         socket or broken link, is an ``AdapterFormatError`` (an output must copy nothing else).
         """
-        skip = {shard.path.name for shard in self.shards} | {INDEX_NAME}
+        if self.single_file:  # the file's directory holds other things, not this checkpoint's
+            return
+        skip = {shard.path.name for shard in self.shards} | {INDEX_NAME, DIFFUSERS_INDEX}
         for path in sorted(self.root.rglob("*")):
             rel = path.relative_to(self.root)
             if path.is_dir() or rel.parts[0].startswith(".") or rel.name in skip:
@@ -460,24 +500,34 @@ def _near(module: str, suffix: str, names: Collection[str]) -> list[str]:
 
 
 def open_checkpoint(ref: str | Path) -> Checkpoint:
-    """A local checkpoint directory or a Hub id; reads headers and config, no tensor data.
+    """A local checkpoint directory, a single ``.safetensors`` file, or a Hub id; reads headers and
+    config, no tensor data.
+
+    A directory holds ``model.safetensors`` or shards listed in ``model.safetensors.index.json``,
+    or diffusers' names for the same (``diffusion_pytorch_model.safetensors[.index.json]``). A single
+    file (an original-layout Stable Diffusion or Flux checkpoint) is a checkpoint of one shard with
+    no index and no config (``single_file``).
 
     Everything on disk is untrusted: the index, each shard header and config.json are checked
     before use, and no file outside the checkpoint directory is read (``inside``). Errors are
     ``AdapterFormatError`` (malformed) or ``NotFoundError`` (missing), each naming the file.
     """
+    local = Path(ref).expanduser()
+    if local.is_file() and local.suffix.lower() == ".safetensors":
+        return Checkpoint(local.parent, (read_header(local),), None, {}, single_file=True)
     resolved = resolve(ref, allow_patterns=["*"], what="checkpoint", ignore_patterns=list(FOREIGN_WEIGHTS))
     root = resolved.path
-    index_path, single_path = root / INDEX_NAME, root / SINGLE_NAME
+    index_path = next((root / n for n in (INDEX_NAME, DIFFUSERS_INDEX) if (root / n).is_file()), None)
+    single_path = next((root / n for n in (SINGLE_NAME, DIFFUSERS_SINGLE) if (root / n).is_file()), None)
     index: dict[str, Any] | None = None
-    if index_path.is_file():
+    if index_path is not None:
         index, weight_map = _read_index(root, index_path)
         names = sorted(set(weight_map.values()))
         paths = [_shard_path(root, n, index_path) for n in names]  # all checked before any is read
         missing = [n for n, path in zip(names, paths, strict=True) if not path.is_file()]
         if missing:
             raise NotFoundError(
-                f"{root}: shard {missing[0]} listed in {INDEX_NAME} is missing; download it again"
+                f"{root}: shard {missing[0]} listed in {index_path.name} is missing; download it again"
             )
         shards = tuple(read_header(path) for path in paths)
         on_disk = {e.name: name for name, s in zip(names, shards, strict=True) for e in s.entries}
@@ -487,12 +537,12 @@ def open_checkpoint(ref: str | Path) -> Checkpoint:
                 f"{index_path}: weight_map and the shards disagree about tensor {wrong[:200]!r}; download "
                 "the checkpoint again"
             )
-    elif single_path.is_file():
+    elif single_path is not None:
         shards = (read_header(inside(root, single_path)),)
     else:
         raise NotFoundError(
-            f"{root}: no {SINGLE_NAME} or {INDEX_NAME}; adapterops merges safetensors checkpoints "
-            "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
+            f"{root}: no {SINGLE_NAME} or {INDEX_NAME} (nor diffusers' {DIFFUSERS_SINGLE}); adapterops merges "
+            "safetensors checkpoints (re-save a .bin checkpoint with save_pretrained(safe_serialization=True))"
         )
     config_path = root / "config.json"
     config = _read_config(root, config_path) if config_path.is_file() else {}

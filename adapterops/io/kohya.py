@@ -9,21 +9,25 @@ to underscores behind a prefix that says which model it belongs to::
 
     dW = (alpha / r) * lora_up @ lora_down     (conv: lora_down flattened to (r, in * k * k))
 
-Prefixes: ``lora_unet_`` (the diffusers UNet2DConditionModel, which sd-scripts trains SD 1.x/2.x
-on), ``lora_te_`` / ``lora_te1_`` (the first text encoder), ``lora_te2_`` (the second).
+Prefixes: ``lora_unet_`` (the denoiser: SD 1.x/2.x's diffusers UNet, SDXL's sgm UNet, Flux's BFL
+transformer, as sd-scripts trains them), ``lora_te_`` / ``lora_te1_`` (the first text encoder),
+``lora_te2_`` (the second).
 
-In memory a module is named by its diffusers module path: ``down_blocks.0.attentions.0.
-transformer_blocks.0.attn1.to_q`` for the UNet (the name its weight has in
-``diffusion_pytorch_model.safetensors``), ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``
-and ``text_encoder_2.<...>`` for the text encoders. Flattening loses the dots, so reading puts them
-back exactly or refuses:
+In memory a denoiser module is named by its path in the model it was trained on, without the
+model's root in a single file (``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``,
+``input_blocks.4.1.transformer_blocks.0.attn1.to_q``, ``double_blocks.0.img_attn.qkv``), text
+encoders' as ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj`` and
+``text_encoder_2.<...>``. Flattening loses the dots, so reading puts them back exactly or refuses
+(``targets``):
 
-- with a base (a diffusers UNet folder or a state dict), through the base's own module names: each
-  flattened name must be the flattening of exactly one of them;
+- with a base (``read_base``: a diffusers folder, an original-layout single file, a state dict),
+  through the base's own weight names: each flattened name must be the flattening of exactly one;
+  an SDXL (sgm) name against a diffusers UNet through the sgm name of each of its modules
+  (``sgm_name``); a BFL Flux name against a diffusers FluxTransformer2DModel onto its modules, a
+  fused layer (qkv, linear1) split by rows of lora_up at the base's widths, lora_down shared (exact);
 - without, through the closed vocabulary of attribute names of the SD UNet and CLIP text encoder
   (``_WORDS``): the flattened name must split into those words and numbers in exactly one way.
-  SDXL (sgm names such as ``input_blocks_4_1``) and other models fall outside it and are refused
-  with a line asking for the base.
+  SDXL and Flux names fall outside it and are refused with a line asking for the base.
 
 The file's metadata (``ss_*`` training facts, ``modelspec.*``) is kept. Hashes of the tensors
 (``sshs_model_hash``, ``sshs_legacy_hash``, ``modelspec.hash_sha256``) are kept only when the
@@ -32,8 +36,10 @@ tensors written are exactly those read; otherwise they are dropped (not recomput
 differ, as sd-scripts' resize_lora.py writes).
 
 What reading records for writing back goes into ``Adapter.config``: ``format: kohya`` and
-``kohya: {te_prefix, metadata, alphas, tensors_sha256}``; ``alphas`` is, per module, the dtype of
-its stored alpha, or None when it had none.
+``kohya: {te_prefix, metadata, alphas, tensors_sha256, keys}``; ``alphas`` is, per module, the dtype
+of its stored alpha, or None when it had none; ``keys`` the file's key of each module whose name
+flattens back to it (written back as read even outside the vocabulary: SDXL, Flux); ``renamed``
+the modules named in a base's other layout (not written as kohya).
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +61,10 @@ from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import (
     AdapterFormatError,
     AdapterOpsError,
-    InvalidInputError,
     UnsupportedAdapterError,
 )
 from adapterops.io.atomic import atomic_output_file
+from adapterops.io.checkpoint import DENOISER_ROOT, OPENCLIP_ROOTS, TE1_ROOTS, Checkpoint, open_checkpoint
 from adapterops.io.peft import PROVENANCE_KEY, provenance_from_metadata
 from adapterops.io.safetensors_file import read_header, save_tensors
 
@@ -163,23 +171,335 @@ def flatten(name: str) -> str:
     return name.replace(".", "_")
 
 
-def base_shapes(base: str | Path | Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Module name -> weight shape of a base: a diffusers UNet folder (or a pipeline folder with
-    ``unet/``), a ``.safetensors`` state dict, or a mapping of names to tensors."""
+_NOT_DENOISER = ("conditioner.", "cond_stage_model.", "first_stage_model.", "text_encoders.", "vae.")
+# flattened names of the original layouts, for saying which base a file needs
+_SGM = ("input_blocks_", "middle_block_", "output_blocks_")
+_BFL = (
+    "double_blocks_",
+    "single_blocks_",
+    "img_in",
+    "txt_in",
+    "time_in_",
+    "vector_in_",
+    "guidance_in_",
+    "final_layer_",
+)
+
+# BFL Flux module (flattened, after ``lora_unet_``) -> the diffusers FluxTransformer2DModel modules
+# it becomes: several where BFL fuses layers (their lora_up rows in this order). The names are those
+# of diffusers 0.42.1 loaders/lora_conversion_utils.py ``_convert_kohya_flux_lora_to_diffusers``
+# and single_file_utils.py ``convert_flux_transformer_checkpoint_to_diffusers``.
+_FLUX_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",),
+    "img_mlp_2": ("ff.net.2",),
+    "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",),
+    "txt_mod_lin": ("norm1_context.linear",),
+}
+_FLUX_SINGLE = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm.linear",),
+}
+_FLUX_TOP = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed.timestep_embedder.linear_1",
+    "time_in_out_layer": "time_text_embed.timestep_embedder.linear_2",
+    "vector_in_in_layer": "time_text_embed.text_embedder.linear_1",
+    "vector_in_out_layer": "time_text_embed.text_embedder.linear_2",
+    "guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1",
+    "guidance_in_out_layer": "time_text_embed.guidance_embedder.linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",  # rows (shift, scale) -> (scale, shift)
+}
+_SGM_ALL = (*_SGM, "time_embed_", "label_emb_", "out_0", "out_2")
+# diffusers UNet2DConditionModel -> sgm (original SD/SDXL) names: the blocks are numbered through
+# (``layers_per_block`` + 1 slots per block, the last for a down/upsampler), a ResBlock's layers are
+# named by position; the same map as diffusers 0.42.1 ``_maybe_map_sgm_blocks_to_diffusers`` +
+# ``_convert_unet_lora_key`` and sd-scripts' ``sdxl_model_util.make_unet_conversion_map``
+_SGM_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_SGM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_DIFFUSERS_BLOCK = re.compile(
+    r"^(?P<where>down_blocks|up_blocks)\.(?P<b>\d+)\.(?P<kind>resnets|attentions|downsamplers|upsamplers)"
+    r"\.(?P<l>\d+)(?:\.(?P<rest>.+))?$"
+)
+
+
+def sgm_name(name: str, per_block: int, attended_up: Collection[int] = ()) -> str | None:
+    """The sgm name of diffusers UNet module ``name`` (``per_block`` = layers_per_block + 1 slots per
+    block; ``attended_up``: the up blocks with attentions, whose upsampler is the third layer of its
+    slot, not the second); None for a name outside the UNet's structure."""
+    if name in _SGM_TOP:
+        return _SGM_TOP[name]
+    mid = re.match(r"^mid_block\.(resnets|attentions)\.(\d)(?:\.(.+))?$", name)
+    if mid is not None:
+        kind, index, rest = mid.groups()
+        slot = {("resnets", "0"): 0, ("attentions", "0"): 1, ("resnets", "1"): 2}.get((kind, index))
+        return None if slot is None else _sgm_join(f"middle_block.{slot}", kind, rest)
+    block = _DIFFUSERS_BLOCK.match(name)
+    if block is None:
+        return None
+    b, layer, kind, rest = int(block["b"]), int(block["l"]), block["kind"], block["rest"]
+    if block["where"] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{1 + b * per_block + per_block - 1}.0.op" if rest == "conv" else None
+        return _sgm_join(f"input_blocks.{1 + b * per_block + layer}.{int(kind == 'attentions')}", kind, rest)
+    if kind == "upsamplers":
+        inner = 2 if b in attended_up else 1
+        return f"output_blocks.{b * per_block + per_block - 1}.{inner}.conv" if rest == "conv" else None
+    return _sgm_join(f"output_blocks.{b * per_block + layer}.{int(kind == 'attentions')}", kind, rest)
+
+
+def _sgm_join(root: str, kind: str, rest: str | None) -> str | None:
+    if rest is None:
+        return None
+    if kind == "resnets":
+        first, _, tail = rest.partition(".")
+        if first not in _SGM_RESNET or tail:
+            return None
+        rest = _SGM_RESNET[first]
+    return f"{root}.{rest}"
+
+
+_FLUX_BLOCK = re.compile(r"^(?P<kind>double|single)_blocks_(?P<i>\d+)_(?P<part>\w+)$")
+
+
+@dataclass(frozen=True)
+class BaseModules:
+    """A base's weights as kohya reading needs them: for the denoiser (``""``) and each text
+    encoder (``TE1``, ``TE2``), module name -> weight shape, each name as it is in memory (the
+    stored key without ``.weight`` and without the model's root in the file).
+
+    ``layout``: the denoiser's naming, ``"sgm"`` (original SD/SDXL single files: ``input_blocks.*``),
+    ``"bfl"`` (original Flux: ``double_blocks.*``) or ``"diffusers"``. ``openclip``: a text encoder
+    is stored in OpenCLIP's layout, which kohya's names do not reach.
+    """
+
+    what: str
+    layout: str
+    models: Mapping[str, Mapping[str, tuple[int, ...]]]
+    openclip: bool = False
+
+    def by_flat(self, model: str) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for name in self.models.get(model, {}):
+            found.setdefault(flatten(name), []).append(name)
+        return found
+
+    @cached_property
+    def sgm_by_flat(self) -> dict[str, list[str]]:
+        """For a diffusers UNet: the flattened sgm name of each of its modules -> the module(s)."""
+        names = self.models.get("", {})
+        found: dict[str, list[str]] = {}
+        resnets = [int(m[1]) for n in names if (m := re.match(r"^down_blocks\.0\.resnets\.(\d+)\.", n))]
+        if not resnets:
+            return found
+        per_block = max(resnets) + 2  # layers_per_block + 1 slots (the last for a downsampler)
+        attended = {int(m[1]) for n in names if (m := re.match(r"^up_blocks\.(\d+)\.attentions\.", n))}
+        for name in names:
+            sgm = sgm_name(name, per_block, attended)
+            if sgm is not None:
+                found.setdefault(flatten(sgm), []).append(name)
+        return found
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where (part of) a kohya module's update lands: module ``name``; ``rows`` (start, stop) of
+    lora_up where one fused layer of the file is several layers of the base (lora_down shared);
+    ``swap_halves``: the two halves of those rows exchanged (BFL's shift, scale -> diffusers'
+    scale, shift)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    swap_halves: bool = False
+
+
+def _split_models(
+    items: Iterable[tuple[str, tuple[int, ...]]],
+) -> tuple[dict[str, dict[str, tuple[int, ...]]], bool]:
+    """One state dict's weights split into the models kohya names: denoiser, first text encoder."""
+    weights = [(k.removesuffix(".weight"), s) for k, s in items if k.endswith(".weight")]
+    root = DENOISER_ROOT if any(k.startswith(DENOISER_ROOT) for k, _ in weights) else ""
+    models: dict[str, dict[str, tuple[int, ...]]] = {"": {}, TE1: {}}
+    openclip = False
+    for module, shape in weights:
+        te = next((r for r in TE1_ROOTS if module.startswith(r)), None)
+        if te is not None:
+            models[TE1][module.removeprefix(te)] = shape
+        elif module.startswith(OPENCLIP_ROOTS):
+            openclip = True
+        elif module.startswith(root) and (root or not module.startswith(_NOT_DENOISER)):
+            models[""][module.removeprefix(root)] = shape
+    return models, openclip
+
+
+def _layout(names: Iterable[str]) -> str:
+    names = list(names)
+    if any(n.startswith("input_blocks.") for n in names):
+        return "sgm"
+    if any(n.startswith(("double_blocks.", "single_blocks.")) for n in names):
+        return "bfl"
+    return "diffusers"
+
+
+def _entries(ref: str | Path | Checkpoint) -> list[tuple[str, tuple[int, ...]]]:
+    checkpoint = ref if isinstance(ref, Checkpoint) else open_checkpoint(ref)
+    return [(e.name, tuple(e.shape)) for shard in checkpoint.shards for e in shard.entries]
+
+
+def read_base(base: str | Path | Checkpoint | Mapping[str, Any] | BaseModules) -> BaseModules:
+    """The module names and shapes of a base, from its headers only.
+
+    ``base`` is a diffusers pipeline folder (``unet/`` or ``transformer/``, ``text_encoder/``,
+    ``text_encoder_2/``), one model's folder (diffusers or transformers names, sharded or not), an
+    original-layout single ``.safetensors`` file (SD/SDXL sgm keys, BFL or ComfyUI Flux keys), a Hub
+    id of a model folder, an open ``Checkpoint``, or a mapping of names to tensors.
+    """
+    if isinstance(base, BaseModules):
+        return base
+    openclip = False
     if isinstance(base, Mapping):
-        items: Iterable[tuple[str, tuple[int, ...]]] = ((k, tuple(v.shape)) for k, v in base.items())
+        models, openclip = _split_models((k, tuple(v.shape)) for k, v in base.items())
+        what = "the base state dict"
+    elif isinstance(base, Checkpoint):
+        models, openclip = _split_models(_entries(base))
+        what = base.describe()
     else:
-        path = Path(base)
-        for candidate in (path / UNET_WEIGHTS, path / "unet" / UNET_WEIGHTS, path):
-            if candidate.is_file():
-                break
+        path = Path(base).expanduser()
+        what = str(base)
+        denoiser = next((path / c for c in ("unet", "transformer") if (path / c).is_dir()), None)
+        if denoiser is not None:  # a diffusers pipeline: one folder per model
+            models = {"": dict(_split_models(_entries(denoiser))[0][""])}
+            for model, folder in ((TE1, "text_encoder"), (TE2, "text_encoder_2")):
+                if (path / folder).is_dir():
+                    models[model] = {
+                        k.removesuffix(".weight"): s
+                        for k, s in _entries(path / folder)
+                        if k.endswith(".weight")
+                    }
         else:
-            raise InvalidInputError(
-                f"{base}: no {UNET_WEIGHTS} (or unet/{UNET_WEIGHTS}); give the diffusers UNet folder or its "
-                "safetensors state dict as the base"
+            models, openclip = _split_models(_entries(base))
+    return BaseModules(what, _layout(models.get("", {})), models, openclip)
+
+
+def base_shapes(
+    base: str | Path | Checkpoint | Mapping[str, Any] | BaseModules,
+) -> dict[str, tuple[int, ...]]:
+    """Module name (as in memory: ``text_encoder.``/``text_encoder_2.`` before text encoders' names)
+    -> weight shape of a base (see ``read_base`` for what a base may be)."""
+    modules = read_base(base)
+    return {model + name: shape for model, names in modules.models.items() for name, shape in names.items()}
+
+
+def targets(key: str, base: BaseModules | None, path: Path | str = "") -> list[Target]:
+    """The module(s) the kohya module ``key`` (``lora_unet_<flat>`` etc., no ``.lora_down.weight``)
+    updates; one unless a fused layer of the file is several layers of the base. Refuses (one
+    line) a name that maps to no module, or to more than one, of the base or the vocabulary."""
+    match = re.match(r"^(lora_unet_|lora_te1_|lora_te2_|lora_te_)(.+)$", key)
+    if match is None:
+        raise AdapterFormatError(
+            f"{path}: {key} has no kohya prefix (lora_unet_, lora_te_, lora_te1_, lora_te2_)"
+        )
+    prefix, flat = match.groups()
+    model = _PREFIX_MODEL[prefix]
+    names = base.models.get(model) if base is not None else None
+    if base is not None and names:
+        found = base.by_flat(model).get(flat, [])
+        if len(found) == 1:
+            return [Target(model + found[0])]
+        if len(found) > 1:
+            raise AdapterFormatError(
+                f"{path}: {key} is the flattening of {len(found)} modules of {base.what} "
+                f"({', '.join(found[:3])}); it cannot say which, so the file is refused"
             )
-        items = ((e.name, tuple(e.shape)) for e in read_header(candidate).entries)
-    return {k.removesuffix(".weight"): s for k, s in items if k.endswith(".weight")}
+        if not model and base.layout == "diffusers" and flat.startswith(_SGM_ALL):
+            sgm = base.sgm_by_flat.get(flat, [])
+            if len(sgm) == 1:
+                return [Target(sgm[0])]
+            raise UnsupportedAdapterError(
+                f"{path}: {key} is named in the original SD/SDXL (sgm) layout and is no module of {base.what} "
+                f"({'several' if sgm else 'none'} of its diffusers modules has that sgm name); pass the original "
+                "single-file checkpoint (model.diffusion_model.* keys) as the base"
+            )
+        if not model and base.layout == "diffusers" and flat.startswith(_BFL):
+            return _flux_targets(path, key, flat, names)
+        raise AdapterFormatError(
+            f"{path}: {key} matches no module of {base.what}; the file does not belong to this base"
+        )
+    unflattened = unflatten(flat)
+    if unflattened is None:
+        known = (
+            " (an SDXL name: the base is its original single-file checkpoint)"
+            if flat.startswith(_SGM)
+            else " (a Flux name: the base is its BFL single file or diffusers transformer)"
+            if flat.startswith(_BFL)
+            else ""
+        )
+        if base is not None and model == TE2 and base.openclip:
+            known = f" ({base.what} stores this text encoder in OpenCLIP's layout, which kohya's names do not reach)"
+        raise UnsupportedAdapterError(
+            f"{path}: {key} cannot be mapped back to one module name without the base model{known} (its "
+            "'_' may be '.' or part of a name): read it with its base, "
+            "adapterops.load_adapter(path, base=...) or --base"
+        )
+    return [Target(model + unflattened)]
+
+
+def _flux_targets(
+    path: Path | str, key: str, flat: str, names: Mapping[str, tuple[int, ...]]
+) -> list[Target]:
+    """A BFL Flux module on a diffusers FluxTransformer2DModel: its modules, and the lora_up rows of
+    each, sized by the base's own weights (so any width is exact)."""
+    block = _FLUX_BLOCK.match(flat)
+    parts: tuple[str, ...] | None
+    if block is not None:
+        table = _FLUX_DOUBLE if block["kind"] == "double" else _FLUX_SINGLE
+        root = ("transformer_blocks." if block["kind"] == "double" else "single_transformer_blocks.") + block[
+            "i"
+        ]
+        found = table.get(block["part"])
+        parts = tuple(f"{root}.{p}" for p in found) if found else None
+    else:
+        parts = (_FLUX_TOP[flat],) if flat in _FLUX_TOP else None
+    if parts is None or any(p not in names for p in parts):
+        missing = "no diffusers module" if parts is None else f"no {next(p for p in parts if p not in names)}"
+        raise AdapterFormatError(
+            f"{path}: {key} is a Flux module with {missing} in the base; the file does not belong to this base"
+        )
+    out, start = [], 0
+    for part in parts:
+        rows = names[part][0]
+        out.append(
+            Target(
+                part,
+                (start, start + rows) if len(parts) > 1 else None,
+                flat == "final_layer_adaLN_modulation_1",
+            )
+        )
+        start += rows
+    return out
 
 
 # --------------------------------------------------------------------------------------------- read
@@ -214,7 +534,9 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def read_adapter(
-    path: Path, source: Source | None = None, base: str | Path | Mapping[str, Any] | None = None
+    path: Path,
+    source: Source | None = None,
+    base: str | Path | Checkpoint | Mapping[str, Any] | BaseModules | None = None,
 ) -> Adapter:
     """Parse a kohya LoRA / LoCon file. See the module docstring for the format and the naming."""
     tensors, metadata, sha256 = _read_file(path)
@@ -229,10 +551,8 @@ def read_adapter(
         parts.setdefault((match["prefix"], match["flat"]), {})[match["part"]] = tensor
     if not parts:
         raise AdapterFormatError(f"{path}: no kohya LoRA tensors (lora_unet_* / lora_te* keys) found")
-    shapes = base_shapes(base) if base is not None else None
-    by_flat: dict[str, list[str]] = {}
-    for name in shapes or {}:
-        by_flat.setdefault(flatten(name), []).append(name)
+    modules_of_base = read_base(base) if base is not None else None
+    shapes = base_shapes(modules_of_base) if modules_of_base is not None else {}
     te_prefixes = {prefix for prefix, _ in parts if prefix in ("lora_te_", "lora_te1_")}
     if len(te_prefixes) > 1:
         raise AdapterFormatError(
@@ -241,43 +561,39 @@ def read_adapter(
 
     modules: dict[str, LoraModule] = {}
     alphas: dict[str, str | None] = {}
+    keys: dict[str, str] = {}  # module -> its key in the file, where writing it back gives that key
+    renamed: list[str] = []  # modules named in the base's layout, not the file's (not written as kohya)
     for (prefix, flat), entry in sorted(parts.items()):
         key = prefix + flat
-        model = _PREFIX_MODEL[prefix]
-        if shapes is not None and not model:
-            names = by_flat.get(flat, [])
-            if len(names) != 1:
-                why = (
-                    "matches no module"
-                    if not names
-                    else f"matches {len(names)} modules ({', '.join(names[:3])})"
-                )
-                raise AdapterFormatError(
-                    f"{path}: {key} {why} of the base; the file does not belong to this base"
-                )
-            module_path = names[0]
-        else:
-            unflattened = unflatten(flat)
-            if unflattened is None:
-                raise UnsupportedAdapterError(
-                    f"{path}: {key} cannot be mapped back to one module name without the base model (its "
-                    "'_' may be '.' or part of a name): read it with its base's UNet folder, "
-                    "adapterops.load_adapter(path, base=...)"
-                )
-            module_path = unflattened
-        name = model + module_path
         down, up, alpha = entry.get("lora_down.weight"), entry.get("lora_up.weight"), entry.get("alpha")
         if down is None or up is None:
             missing = "lora_down.weight" if down is None else "lora_up.weight"
             raise AdapterFormatError(f"{path}: {key} has no {missing}; the file is incomplete")
-        module = _module(path, key, name, down, up, alpha)
-        if shapes is not None and not model and shapes[module_path] != module.weight_shape:
+        found = targets(key, modules_of_base, path)
+        fused = _module(path, key, found[0].name, down, up, alpha)
+        if found[-1].rows is not None and found[-1].rows[1] != fused.out_features:
             raise AdapterFormatError(
-                f"{path}: {key} updates a weight of shape {module.weight_shape} but the base's "
-                f"{module_path}.weight is {shapes[module_path]}; the file does not belong to this base"
+                f"{path}: {key} updates {fused.out_features} rows but the base's "
+                f"{', '.join(t.name for t in found)} have {found[-1].rows[1]} together; the file does not "
+                "belong to this base"
             )
-        modules[name] = module
-        alphas[name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
+        for target in found:
+            module = _part(fused, target)
+            if target.name in modules:
+                raise AdapterFormatError(
+                    f"{path}: two kohya modules map to {target.name}; the file is refused"
+                )
+            if target.name in shapes and shapes[target.name] != module.weight_shape:
+                raise AdapterFormatError(
+                    f"{path}: {key} updates a weight of shape {module.weight_shape} but the base's "
+                    f"{target.name}.weight is {shapes[target.name]}; the file does not belong to this base"
+                )
+            modules[target.name] = module
+            alphas[target.name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
+            if len(found) == 1 and kohya_key(target.name, prefix) == key and not target.swap_halves:
+                keys[target.name] = key
+            else:
+                renamed.append(target.name)
 
     if source is None:
         source = Source(path=str(path))
@@ -287,6 +603,8 @@ def read_adapter(
         "metadata": {k: v for k, v in metadata.items() if k != PROVENANCE_KEY},
         "alphas": alphas,
         "tensors_sha256": tensors_sha256(tensors),
+        "keys": keys,
+        "renamed": renamed,
     }
     return Adapter(
         modules=modules,
@@ -294,6 +612,15 @@ def read_adapter(
         source=source,
         provenance=provenance_from_metadata(path, metadata),
     )
+
+
+def _part(module: LoraModule, target: Target) -> LoraModule:
+    """``module`` as ``target`` has it: renamed, its lora_up rows cut out and swapped as said."""
+    B = module.B if target.rows is None else module.B[target.rows[0] : target.rows[1]]
+    if target.swap_halves:
+        half = B.shape[0] // 2
+        B = torch.cat([B[half:], B[:half]])
+    return replace(module, name=target.name, B=B.contiguous())
 
 
 def _module(
@@ -359,6 +686,8 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
     kohya: Mapping[str, Any] = adapter.config.get(FORMAT) or {}
     te_prefix = kohya.get("te_prefix", "lora_te_")
     stored: Mapping[str, str | None] = kohya.get("alphas") or {}
+    read_keys: Mapping[str, str] = kohya.get("keys") or {}
+    renamed = frozenset(kohya.get("renamed") or ())
     if adapter.full_tensors:
         raise UnsupportedAdapterError(
             f"tensors stored whole ({', '.join(sorted(adapter.full_tensors)[:3])}) have no place in a kohya "
@@ -379,13 +708,20 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
                 "written as kohya LoRA (linear and conv layers only): save as PEFT"
             )
         own = name.removeprefix(TE2) if name.startswith(TE2) else name.removeprefix(TE1)
-        if unflatten(flatten(own)) != own:
+        key = kohya_key(name, te_prefix)
+        if name in renamed:
             raise UnsupportedAdapterError(
-                f"module {name} is not a module of a Stable Diffusion UNet or CLIP text encoder, so its kohya "
-                "key could not be read back (kohya files hold only those): save as PEFT, or convert --to gguf "
+                f"module {name} was read from a kohya file of another layout (SDXL's sgm or Flux's BFL names) "
+                "against a diffusers base, so it is in diffusers' names: save as PEFT, or read the file against "
+                "its original single-file checkpoint to write kohya back"
+            )
+        if read_keys.get(name) != key and unflatten(flatten(own)) != own:
+            raise UnsupportedAdapterError(
+                f"module {name} is not a module of a Stable Diffusion UNet or CLIP text encoder, nor one a "
+                "kohya file named as it is read, so its kohya key could not be read back (a kohya file read "
+                "against a base of another layout is in that base's names): save as PEFT, or convert --to gguf "
                 "for a language model"
             )
-        key = kohya_key(name, te_prefix)
         if key in owners:
             raise UnsupportedAdapterError(
                 f"modules {owners[key]} and {name} both flatten to the kohya key {key}: save as PEFT"

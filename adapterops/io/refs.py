@@ -1,5 +1,9 @@
 """Resolve adapter and checkpoint references: a local directory, or a Hub id ``org/name[@revision]``.
 
+One file of a Hub repo (a kohya or GGUF adapter, where the repo holds several) is named
+``org/name:file`` or ``org/name@revision:file``: ':' cannot occur in a repo id or a revision, so
+the file name (which may contain '/', for a file in a folder of the repo) starts after it.
+
 Hub downloads go through huggingface_hub, so its cache, HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE
 behave as everywhere else. Only the files an operation needs are fetched.
 """
@@ -8,7 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,11 @@ from adapterops.errors import AdapterFormatError, HubError, NotFoundError
 from adapterops.io.sniff import unsupported_file_error
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+_HUB_FILE = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?:(?P<file>[\w.+=-]+(?:/[\w.+=-]+)*)$"
+)
+# single-file adapter formats, by file name: what a repo without adapter_config.json may hold
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,40 @@ def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
     if match is None or spec.startswith((".", "~")) or ".." in spec:
         return None
     return match["repo"], match["revision"]
+
+
+def parse_hub_file(spec: str) -> tuple[str, str | None, str] | None:
+    """``"org/name@rev:dir/lora.safetensors"`` -> ``("org/name", "rev", "dir/lora.safetensors")``; None
+    when ``spec`` names no file of a Hub repo (``..`` and absolute names never do)."""
+    match = _HUB_FILE.match(spec)
+    if match is None or spec.startswith((".", "~")) or ".." in match["file"].split("/"):
+        return None
+    return match["repo"], match["revision"], match["file"]
+
+
+def resolve_hub_file(spec: str, what: str = "adapter") -> Resolved:
+    """The one file ``org/name[@rev]:file`` names, downloaded: ``path`` is the local file."""
+    parsed = parse_hub_file(spec)
+    if parsed is None:
+        raise NotFoundError(f"{spec}: not a Hub file reference (org/name[@revision]:file)")
+    repo_id, revision, name = parsed
+    resolved = _snapshot(repo_id, revision, [name], (), what, spec)
+    path = resolved.path / name
+    if not path.is_file():
+        raise NotFoundError(
+            f"{spec}: the Hub repo {repo_id} has no file {name!r} at {resolved.revision}; check the name "
+            "(list the repo's files with `hf download --dry-run` or on its page)"
+        )
+    return Resolved(path=inside(resolved.path, path), repo_id=repo_id, revision=resolved.revision)
+
+
+def hub_files(repo_id: str, revision: str, spec: str) -> list[str]:
+    """The file names of a Hub repo at ``revision`` (a commit), from its repo info."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(repo_id, revision, "adapter", spec):
+        info = HfApi().model_info(repo_id, revision=revision)
+    return sorted(s.rfilename for s in info.siblings or [])
 
 
 def resolve(
@@ -118,21 +162,13 @@ def hub_message(exc: BaseException, token: str | None = None) -> str:
     return text if len(text) <= 500 else text[:497] + "..."
 
 
-def _snapshot(
-    repo_id: str, revision: str | None, patterns: Sequence[str], ignore: Sequence[str], what: str, spec: str
-) -> Resolved:
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, what: str, spec: str) -> Iterator[None]:
+    """The Hub client's errors as adapterops' errors, one line each."""
     from huggingface_hub import errors as hub_errors
-    from huggingface_hub import snapshot_download
 
     try:
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=list(patterns),
-                ignore_patterns=list(ignore) or None,
-            )
-        )
+        yield
     except hub_errors.RevisionNotFoundError as exc:
         raise NotFoundError(
             f"{spec}: the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag or commit"
@@ -155,6 +191,22 @@ def _snapshot(
         raise HubError(
             f"{spec}: could not reach the Hub ({hub_message(exc)}); check the network or set HF_HUB_OFFLINE=1"
         ) from None
+
+
+def _snapshot(
+    repo_id: str, revision: str | None, patterns: Sequence[str], ignore: Sequence[str], what: str, spec: str
+) -> Resolved:
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo_id, revision, what, spec):
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(patterns),
+                ignore_patterns=list(ignore) or None,
+            )
+        )
     # snapshot folders are named after the commit the revision resolved to
     return Resolved(path=folder, repo_id=repo_id, revision=folder.name)
 

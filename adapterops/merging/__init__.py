@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import cast
 
 from adapterops.adapter import Adapter
-from adapterops.errors import ApproximationWarning, param
+from adapterops.errors import ApproximationWarning, InvalidInputError, param
 from adapterops.hub import ShardUploader, push_to_hub
 from adapterops.io.atomic import check_output_path
 from adapterops.io.checkpoint import Checkpoint
-from adapterops.merging.execute import MergeResult, Progress, apply_update, execute
+from adapterops.merging.execute import MergeResult, Progress, apply_update, check_single_file_output, execute
 from adapterops.merging.plan import Direction, MergePlan, Update, estimate_peak, load_inputs, plan_merge
 from adapterops.options import MergeDtype, MergeOptions, UnmergeOptions
 
@@ -138,9 +138,17 @@ def _stream(
     dtype: MergeDtype = MergeDtype.AUTO,
 ) -> MergeResult:
     target = Path(out).absolute()
+    single = base.single_file if isinstance(base, Checkpoint) else Path(base).expanduser().is_file()
+    if push_to is not None and single:
+        raise InvalidInputError(
+            f"{base}: {param('push_to')} uploads checkpoint directories; a single-file merge is one file: "
+            "upload it with `hf upload`"
+        )
     if not dry_run:
-        check_output_path(target, force=force)  # before any download or planning
+        check_output_path(target, force=force, file=single)  # before any download or planning
     checkpoint, loaded = load_inputs(base, adapters)
+    if not dry_run:
+        check_single_file_output(checkpoint, target)
     plan = plan_merge(
         checkpoint, loaded, weights, direction=direction, command=command, dtype=dtype, **record_flags
     )

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from adapterops.card import lineage_section, render_card, with_lineage
 from adapterops.errors import InvalidInputError, OutputWriteError, UnsupportedAdapterError
-from adapterops.io.atomic import atomic_output_dir, check_output_path
-from adapterops.io.checkpoint import INDEX_NAME
+from adapterops.io.atomic import atomic_output_dir, atomic_output_file, check_output_path
+from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.quantization import dequantize
 from adapterops.io.safetensors_file import MAX_HEADER, Shard, ShardWriter, TensorEntry, read_tensor
 from adapterops.merging.layout import OutputShard, OutputTensor, output_layout
@@ -110,7 +110,8 @@ def execute(
     """
     start = time.perf_counter()
     target = Path(output).absolute()
-    check_output_path(target, force=force)
+    check_single_file_output(plan.checkpoint, target)
+    check_output_path(target, force=force, file=plan.checkpoint.single_file)
     dev = resolve_device(device)
     need = plan.output_bytes
     free = shutil.disk_usage(target.parent).free
@@ -128,6 +129,15 @@ def execute(
     hashes = hashing.submit(shard_sha256s, plan.checkpoint)
     hashing.shutdown(wait=False)
     tensors = _Tensors(plan, dev, workspace)
+    if plan.checkpoint.single_file:
+        try:
+            written = _write_single_file(plan, layout, target, force, dev, record_json, tensors, progress)
+        finally:
+            tensors.close()
+        return MergeResult(
+            target, len(plan.updates), written, time.perf_counter() - start, str(dev),
+            quantization=dict(sorted(tensors.errors.items())), notes=plan.notes,
+        )  # fmt: skip
     try:
         with atomic_output_dir(target, force=force) as tmp:
             _copy_other_files(plan, tmp)
@@ -136,7 +146,7 @@ def execute(
                     if progress:
                         progress(shard.data_size, shard.path.name)
                     continue
-                written += _write_shard(plan, shard, out, tmp, dev, record_json, tensors, progress)
+                written += _write_shard(plan, shard, out, tmp / out.name, dev, record_json, tensors, progress)
                 if on_shard:
                     on_shard(tmp / out.name)
             if plan.checkpoint.index is not None:
@@ -146,7 +156,9 @@ def execute(
                     "total_size": sum(out.data_size for out in layout),
                 }
                 index["weight_map"] = {t.entry.name: out.name for out in layout for t in out.tensors}
-                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                (tmp / plan.checkpoint.index_name).write_text(
+                    json.dumps(index, indent=2, sort_keys=True) + "\n"
+                )
             record = with_shard_sha256s(plan.record, hashes.result())
             if tensors.errors and plan.quantization is not None:
                 record = with_quantization(
@@ -166,6 +178,43 @@ def execute(
         quantization=dict(sorted(tensors.errors.items())),
         notes=plan.notes,
     )
+
+
+def check_single_file_output(checkpoint: Checkpoint, target: Path) -> None:
+    """A single-file checkpoint merges into one ``.safetensors`` file; a directory into a directory."""
+    is_file = target.suffix.lower() == ".safetensors"
+    if checkpoint.single_file and not is_file:
+        raise InvalidInputError(
+            f"{target}: the base {checkpoint.describe()} is one .safetensors file, and so is the merged "
+            "checkpoint: name the output *.safetensors"
+        )
+    if not checkpoint.single_file and is_file:
+        raise InvalidInputError(
+            f"{target}: the base {checkpoint.describe()} is a checkpoint directory, and so is the merged "
+            "checkpoint: name the output without .safetensors"
+        )
+
+
+def _write_single_file(
+    plan: MergePlan,
+    layout: tuple[OutputShard, ...],
+    target: Path,
+    force: bool,
+    device: torch.device,
+    record_json: str,
+    tensors: _Tensors,
+    progress: Progress | None,
+) -> int:
+    """The one shard of a single-file checkpoint, written to ``target`` atomically; the merge record
+    in its metadata (there is no folder for a sidecar, card or DoRA norms)."""
+    if plan.dora_norms or any(a.is_dora for a in plan.adapters):
+        raise UnsupportedAdapterError(
+            f"{plan.checkpoint.describe()}: a DoRA merge keeps the row norms beside the checkpoint, and a single "
+            "file has no place for them: merge into a checkpoint directory"
+        )
+    (shard,), (out,) = plan.checkpoint.shards, layout
+    with atomic_output_file(target, force=force) as tmp:
+        return _write_shard(plan, shard, out, tmp, device, record_json, tensors, progress, single=True)
 
 
 def _copy_other_files(plan: MergePlan, tmp: Path) -> None:
@@ -278,19 +327,27 @@ def _write_shard(
     plan: MergePlan,
     shard: Shard,
     out: OutputShard,
-    tmp: Path,
+    path: Path,
     device: torch.device,
     record_json: str,
     tensors: _Tensors,
     progress: Progress | None,
+    single: bool = False,
 ) -> int:
     # the record goes into each shard's metadata only while the header stays loadable (safetensors
     # refuses headers over MAX_HEADER bytes); the sidecar RECORD_NAME always carries it. An earlier
     # merge's record is never kept in its place: it would describe the wrong weights.
     metadata = {k: v for k, v in shard.metadata.items() if k != RECORD_KEY}
     entries = tuple(t.entry for t in out.tensors)
-    writer = ShardWriter(tmp / out.name, entries, metadata, optional={RECORD_KEY: record_json})
-    if writer.dropped:
+    writer = ShardWriter(path, entries, metadata, optional={RECORD_KEY: record_json})
+    if writer.dropped and single:
+        warnings.warn(
+            f"{shard.path.name}: the merge record would push its safetensors header over {MAX_HEADER:,} "
+            "bytes (safetensors' limit), so the output carries no record of this merge",
+            UserWarning,
+            stacklevel=2,
+        )
+    elif writer.dropped:
         warnings.warn(
             f"{shard.path.name}: the merge record would push its safetensors header over {MAX_HEADER:,} "
             f"bytes (safetensors' limit), so the record is written to {RECORD_NAME} only; keep that file with "

@@ -231,7 +231,8 @@ def load_inputs(
 ) -> tuple[Checkpoint, list[Adapter]]:
     """The checkpoint (headers only) and the adapters, each given as a path, Hub id or loaded object."""
     checkpoint = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    return checkpoint, [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    # the checkpoint names a kohya file's modules (SDXL, Flux): its flattened names are mapped onto its keys
+    return checkpoint, [a if isinstance(a, Adapter) else load_adapter(a, base=checkpoint) for a in adapters]
 
 
 def plan_merge(
