@@ -299,7 +299,7 @@ def write(
     from adapterops.io.atomic import check_output_path
 
     profile = PROFILES[Engine(engine)]
-    check_output_path(Path(output).absolute(), force=force, file=FORMATS[profile.format].single_file)
+    check_output_path(Path(output).absolute(), force=force, file=FORMATS[profile.format].writes_file(output))
     if base is not None and not profile.needs_base and adapter.config.get("format") != "kohya":
         raise InvalidInputError(  # a kohya input was named through the base: that is its use
             f"{param('base')} is not used by {param('engine', profile.engine.value)}; drop it"

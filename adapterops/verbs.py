@@ -547,7 +547,7 @@ def convert(
         )
     from adapterops.io.atomic import check_output_path
 
-    check_output_path(Path(output).absolute(), force=force, file=fmt.single_file)
+    check_output_path(Path(output).absolute(), force=force, file=fmt.writes_file(output))
     loaded = as_adapter(adapter, opts.base)
     options: dict[str, Any] = {"force": force}
     if takes_base:

@@ -20,7 +20,13 @@ from tests.support.fakehub import FakeSnapshots, connection_error, http_error, s
 from tests.support.hubserver import FakeHub
 
 Q = "model.layers.0.self_attn.q_proj"
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+# PEFT's files, then diffusers' (a Hub repo may hold a pipeline LoRA)
+ADAPTER_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "pytorch_lora_weights.safetensors",
+]
 API = "https://huggingface.co/api/models/org/style/revision/main"
 
 

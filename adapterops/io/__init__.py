@@ -4,6 +4,7 @@
     peft.py              PEFT adapter directory <-> Adapter (tensors, keys, layouts)
     gguf.py              llama.cpp GGUF LoRA file <-> Adapter (tensor names, alpha, q/k permutation)
     kohya.py             kohya LoRA / LoCon single files (SD, SDXL, Flux; names through a base) <-> Adapter
+    diffusers.py         diffusers pipeline LoRA files (pytorch_lora_weights.safetensors) <-> Adapter
     peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
     safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
     checkpoint.py        checkpoints (directories or one file): shards, key matching, layouts, base weights
@@ -21,7 +22,7 @@ from typing import Any
 
 from adapterops.adapter import Adapter, Source
 from adapterops.errors import InvalidInputError
-from adapterops.io import gguf, kohya, peft
+from adapterops.io import diffusers, gguf, kohya, peft
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.peft_config import CONFIG_NAME
 from adapterops.io.refs import SINGLE_FILE_SUFFIXES, hub_files, parse_hub_file, resolve, resolve_hub_file
@@ -37,7 +38,8 @@ class AdapterFormat:
     ``detect(path)`` says whether a local path holds this format; ``hub_files`` are the patterns
     to download for a Hub id; ``read(path, source)`` returns an ``Adapter``; ``write(adapter, path,
     force=, dtype=)`` writes one atomically (GGUF takes ``base=`` too). ``single_file``: the format is
-    one file (read from a file path, written to one), not a directory.
+    one file (read from a file path, written to one), not a directory; None: either (read from the
+    file or its folder; a ``.safetensors`` output path is written as the file, another as a folder).
     """
 
     name: str
@@ -45,7 +47,13 @@ class AdapterFormat:
     hub_files: tuple[str, ...]
     read: Callable[[Path, Source], Adapter]
     write: Callable[..., Path]
-    single_file: bool = False
+    single_file: bool | None = False
+
+    def writes_file(self, path: str | Path) -> bool:
+        """Whether writing at ``path`` makes one file (else a directory)."""
+        if self.single_file is None:
+            return Path(path).suffix.lower() == ".safetensors"
+        return self.single_file
 
 
 # one entry per format, tried in order; PEFT's reader explains what a path lacks
@@ -57,6 +65,14 @@ FORMATS: dict[str, AdapterFormat] = {
         (CONFIG_NAME, peft.SAFETENSORS_NAME, peft.BIN_NAME),
         peft.read_adapter,
         peft.save_adapter,
+    ),
+    "diffusers": AdapterFormat(
+        "diffusers",
+        diffusers.detect,
+        (diffusers.WEIGHTS_NAME,),
+        diffusers.read_adapter,
+        diffusers.save_adapter,
+        None,
     ),
     "gguf": AdapterFormat("gguf", gguf.is_gguf_adapter, (), gguf.read_adapter, gguf.save_adapter, True),
 }
@@ -70,7 +86,7 @@ def load_adapter(ref: str | Path, base: str | Path | Checkpoint | Mapping[str, A
     ``org/name@rev:file`` (see ``io.refs``).
 
     The format is detected (``FORMATS``: PEFT adapter directories, kohya ``.safetensors`` files,
-    GGUF LoRA files). Tensors keep their stored dtype. ``base`` maps a kohya file's flattened names
+    diffusers LoRA files or their folders, GGUF LoRA files). Tensors keep their stored dtype. ``base`` maps a kohya file's flattened names
     back to module names through the base's own weight names (``kohya.read_base``: a diffusers
     folder, a model folder, an original-layout single ``.safetensors`` file, a Hub id, a
     ``Checkpoint`` or a state dict); other formats name their modules themselves and ignore it.
@@ -108,7 +124,7 @@ def _read_file(path: Path, source: Source, base: Any) -> Adapter:
     if kohya.detect(path):
         return kohya.read_adapter(path, source, base=base)
     for fmt in FORMATS.values():
-        if fmt.single_file and fmt.detect(path):
+        if fmt.single_file is not False and fmt.detect(path):
             return fmt.read(path, source)
     raise unsupported_file_error(path, "adapter")
 
@@ -146,7 +162,7 @@ def save_adapter(adapter: Adapter, path: str | Path, *, format: str | None = Non
     if format not in FORMATS:
         raise InvalidInputError(f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)}")
     suffix = Path(path).suffix
-    if not FORMATS[format].single_file and suffix in (".safetensors", ".gguf"):
+    if FORMATS[format].single_file is False and suffix in (".safetensors", ".gguf"):
         # a directory under a file's name would hide what was written
         raise InvalidInputError(
             f"{path}: the result is a {format} adapter, which is a directory, not a {suffix} file; name the "
