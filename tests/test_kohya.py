@@ -247,10 +247,10 @@ def test_bad_files_are_refused_with_one_line(tmp_path: Path, unet_dir: Path, bas
     tensors, _ = raw(good)
 
     unknown = tmp_path / "unknown.safetensors"
-    save_file({**tensors, "lora_unet_conv_in.hada_w1_a": torch.zeros(2, 2)}, str(unknown))
+    save_file({**tensors, "lora_unet_conv_in.oft_blocks": torch.zeros(2, 2)}, str(unknown))
     with pytest.raises(AdapterOpsError) as excinfo:
         load_adapter(unknown)
-    _one_line(excinfo, "hada_w1_a", "not a kohya LoRA key")
+    _one_line(excinfo, "oft_blocks", "not a kohya LoRA key")
 
     missing = tmp_path / "missing.safetensors"
     key = "lora_unet_" + flatten(LINEAR[0])

@@ -5,6 +5,7 @@
     gguf.py              llama.cpp GGUF LoRA file <-> Adapter (tensor names, alpha, q/k permutation)
     kohya.py             kohya LoRA / LoCon single files (SD, SDXL, Flux; names through a base) <-> Adapter
     diffusers.py         diffusers pipeline LoRA files (pytorch_lora_weights.safetensors) <-> Adapter
+    lycoris.py           LyCORIS single files (LoCon + Tucker, LoHa, LoKr, DoRA) -> exact LoRA Adapter, LoCon out
     peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
     safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
     checkpoint.py        checkpoints (directories or one file): shards, key matching, layouts, base weights
@@ -22,7 +23,7 @@ from typing import Any
 
 from adapterops.adapter import Adapter, Source
 from adapterops.errors import InvalidInputError
-from adapterops.io import diffusers, gguf, kohya, peft
+from adapterops.io import diffusers, gguf, kohya, lycoris, peft
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.peft_config import CONFIG_NAME
 from adapterops.io.refs import SINGLE_FILE_SUFFIXES, hub_files, parse_hub_file, resolve, resolve_hub_file
@@ -56,8 +57,10 @@ class AdapterFormat:
         return self.single_file
 
 
-# one entry per format, tried in order; PEFT's reader explains what a path lacks
+# one entry per format, tried in order (LyCORIS before kohya: it claims the kohya-keyed files with
+# LyCORIS-only tensors); PEFT's reader explains what a path lacks
 FORMATS: dict[str, AdapterFormat] = {
+    "lycoris": AdapterFormat("lycoris", lycoris.detect, (), lycoris.read_adapter, lycoris.save_adapter, True),
     "kohya": AdapterFormat("kohya", kohya.detect, (), kohya.read_adapter, kohya.save_adapter, True),
     "peft": AdapterFormat(
         "peft",
@@ -85,8 +88,9 @@ def load_adapter(ref: str | Path, base: str | Path | Checkpoint | Mapping[str, A
     ``.gguf`` file is read from that file; where it holds several, name one: ``org/name:file`` or
     ``org/name@rev:file`` (see ``io.refs``).
 
-    The format is detected (``FORMATS``: PEFT adapter directories, kohya ``.safetensors`` files,
-    diffusers LoRA files or their folders, GGUF LoRA files). Tensors keep their stored dtype. ``base`` maps a kohya file's flattened names
+    The format is detected (``FORMATS``: PEFT adapter directories, kohya and LyCORIS ``.safetensors`` files,
+    diffusers LoRA files or their folders, GGUF LoRA files). Tensors keep their stored dtype (LyCORIS LoHa / LoKr / Tucker modules
+    are converted to exact LoRA factors: docs/formats.md). ``base`` maps a kohya or LyCORIS file's flattened names
     back to module names through the base's own weight names (``kohya.read_base``: a diffusers
     folder, a model folder, an original-layout single ``.safetensors`` file, a Hub id, a
     ``Checkpoint`` or a state dict); other formats name their modules themselves and ignore it.
@@ -121,8 +125,9 @@ def load_adapter(ref: str | Path, base: str | Path | Checkpoint | Mapping[str, A
 
 def _read_file(path: Path, source: Source, base: Any) -> Adapter:
     """A single-file adapter in the format it is in; ``base`` names a kohya file's modules."""
-    if kohya.detect(path):
-        return kohya.read_adapter(path, source, base=base)
+    for named in (lycoris, kohya):  # ``base`` maps kohya's flattened names back to module names
+        if named.detect(path):
+            return named.read_adapter(path, source, base=base)
     for fmt in FORMATS.values():
         if fmt.single_file is not False and fmt.detect(path):
             return fmt.read(path, source)
