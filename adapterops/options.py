@@ -639,8 +639,8 @@ class ConvertOptions:
 
     to: str | None = option(
         None,
-        "Output format: peft (an adapter directory) or gguf (one llama.cpp LoRA file); "
-        "any format registered in adapterops.io.FORMATS.",
+        "Output format: peft or mlx (adapter directories), kohya, lycoris or gguf (one file), diffusers "
+        "(a folder, or one file named .safetensors); any format in adapterops.io.FORMATS.",
         metavar="FORMAT",
     )
     engine: Engine | None = option(

@@ -363,3 +363,69 @@ def test_a_damaged_gguf_file_is_one_error_line(tmp_path: Path, damage: str) -> N
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "bad.gguf" in result.output
     assert not (tmp_path / "out.gguf").exists()
+
+
+def tiny_causal_lm(model_type: str) -> Any:
+    """A 2-layer model of ``model_type`` (hidden 32, 4 heads of 8, 2 kv heads, vocab 128), seeded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=128,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+FAMILIES = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_unpermuted_families_name_map_merge_rule_and_round_trip(tmp_path: Path, model_type: str) -> None:
+    """Qwen3 and Gemma 1/2/3: llama.cpp's names (the gguf package's own TensorNameMap), no q/k
+    permutation, llama.cpp's merge rule on the file equals PEFT's merge, and GGUF -> PEFT is bit-exact."""
+    from functools import partial
+
+    factory = partial(tiny_causal_lm, model_type)
+    adapter = make_adapter(factory, tmp_path / "a", seed=4, target_modules=ALL, r=4, lora_alpha=8)
+    base = base_dir(factory, tmp_path / "base")
+    out = ao.convert(adapter, tmp_path / "a.gguf", to="gguf", base=base)
+
+    fields, tensors = read_gguf(out)
+    arch = FAMILIES[model_type]
+    assert fields["general.architecture"] == arch
+    name_map = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 2)
+    merged = peft_merged_state_dict(factory, adapter)
+    state = factory().double().state_dict()
+    deltas = llama_cpp_deltas(out)
+    assert len(deltas) == 2 * len(ALL)
+    for key, w_merged in merged.items():
+        if not key.endswith("proj.weight"):
+            continue
+        gguf_name = name_map.get_name(key, try_suffixes=(".weight",))
+        assert gguf_name == hf_to_gguf(key)
+        expected, w_hf = w_merged.numpy(), state[key].numpy()
+        err = np.abs(w_hf + deltas[gguf_name] - expected).max() / np.abs(expected - w_hf).max()
+        assert err < 1e-12, (key, err)
+
+    back = ao.convert(out, tmp_path / "back", to="peft")
+    original, again = ao.load_adapter(adapter), ao.load_adapter(back)
+    assert set(original.modules) == set(again.modules)
+    for name, m in original.modules.items():
+        n = again.modules[name]
+        assert torch.equal(m.A, n.A) and torch.equal(m.B, n.B) and m.scale == n.scale, name
+    # writing GGUF again from the GGUF input needs no base: the recorded architecture is this family's
+    again_path = ao.save_adapter(ao.load_adapter(out), tmp_path / "again.gguf")
+    assert read_gguf(again_path)[0]["general.architecture"] == arch
+    rewritten = read_gguf(again_path)[1]
+    assert rewritten.keys() == tensors.keys() and all(
+        np.array_equal(rewritten[k], tensors[k]) for k in tensors
+    )

@@ -20,9 +20,10 @@ from tests.support.fakehub import FakeSnapshots, connection_error, http_error, s
 from tests.support.hubserver import FakeHub
 
 Q = "model.layers.0.self_attn.q_proj"
-# PEFT's files, then diffusers' (a Hub repo may hold a pipeline LoRA)
+# the files of every directory format: mlx-lm's (adapters.safetensors), PEFT's, then diffusers'
 ADAPTER_FILES = [
     "adapter_config.json",
+    "adapters.safetensors",
     "adapter_model.safetensors",
     "adapter_model.bin",
     "pytorch_lora_weights.safetensors",

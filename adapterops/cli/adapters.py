@@ -235,7 +235,7 @@ def info(adapter: str, base: str | None, **kwargs: Any) -> None:
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output: a directory (peft) or one file (gguf).",
+    help="Output: a directory (peft, mlx, diffusers) or one file (kohya, lycoris, gguf; diffusers when named .safetensors).",
 )
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @display_options
@@ -245,6 +245,8 @@ def convert(adapter: str, **kwargs: Any) -> None:
 
     GGUF (llama.cpp) needs --base for the architecture and head counts; one alpha holds for the whole
     file, so a module whose scale differs has it folded into its lora_b (float32, one rounding).
+    mlx (mlx-lm) holds one rank and one scale per file too: smaller ranks are zero-padded (exact) and
+    scales folded the same way.
 
     --for vllm, sglang or tgi (needs --base) writes a PEFT directory with one r and lora_alpha = r:
     every module's scale (alpha/r, rsLoRA, rank/alpha patterns) folded into lora_B, ranks zero-padded
@@ -259,6 +261,7 @@ def convert(adapter: str, **kwargs: Any) -> None:
       adapterops convert ./peft-adapter --for vllm -o ./for-vllm
       adapterops convert ./peft-adapter --for tgi --base ./base -o ./for-tgi
       adapterops convert lora.safetensors --for diffusers -o one-alpha.safetensors
+      adapterops convert ./peft-adapter --to mlx -o ./mlx-adapter
     """
     from adapterops import verbs
     from adapterops.io import load_adapter
@@ -282,6 +285,11 @@ def convert(adapter: str, **kwargs: Any) -> None:
 
             alpha, folded = file_alpha(loaded)
             summary.update(alpha=alpha, folded=folded)
+        elif kwargs["to"] == "mlx":
+            from adapterops.io.mlx import file_scale
+
+            scale, folded = file_scale(loaded)
+            summary.update(scale=scale, folded=folded)
         return summary
 
     summary = out.run(work)
@@ -292,8 +300,8 @@ def convert(adapter: str, **kwargs: Any) -> None:
         _print_served(summary, out)
         return
     line = f"wrote {summary['output']}: {summary['format']}, {summary['modules']} modules"
-    if "alpha" in summary:
-        line += f", alpha {summary['alpha']:g}"
+    if "alpha" in summary or "scale" in summary:
+        line += f", alpha {summary['alpha']:g}" if "alpha" in summary else f", scale {summary['scale']:g}"
         if summary["folded"]:
             line += f"; scale folded into lora_b (float32) of {len(summary['folded'])} modules"
     if out.verbose:

@@ -6,6 +6,7 @@
     kohya.py             kohya LoRA / LoCon single files (SD, SDXL, Flux; names through a base) <-> Adapter
     diffusers.py         diffusers pipeline LoRA files (pytorch_lora_weights.safetensors) <-> Adapter
     lycoris.py           LyCORIS single files (LoCon + Tucker, LoHa, LoKr, DoRA) -> exact LoRA Adapter, LoCon out
+    mlx.py               mlx-lm adapter directory <-> Adapter (transposed factors, one rank and scale)
     peft_config.py       adapter_config.json semantics (ranks, alphas, refused variants)
     safetensors_file.py  the safetensors byte format: headers, pread reads, ordered writer
     checkpoint.py        checkpoints (directories or one file): shards, key matching, layouts, base weights
@@ -23,7 +24,7 @@ from typing import Any
 
 from adapterops.adapter import Adapter, Source
 from adapterops.errors import InvalidInputError
-from adapterops.io import diffusers, gguf, kohya, lycoris, peft
+from adapterops.io import diffusers, gguf, kohya, lycoris, mlx, peft
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.peft_config import CONFIG_NAME
 from adapterops.io.refs import SINGLE_FILE_SUFFIXES, hub_files, parse_hub_file, resolve, resolve_hub_file
@@ -62,6 +63,10 @@ class AdapterFormat:
 FORMATS: dict[str, AdapterFormat] = {
     "lycoris": AdapterFormat("lycoris", lycoris.detect, (), lycoris.read_adapter, lycoris.save_adapter, True),
     "kohya": AdapterFormat("kohya", kohya.detect, (), kohya.read_adapter, kohya.save_adapter, True),
+    # before peft: both directories hold an adapter_config.json
+    "mlx": AdapterFormat(
+        "mlx", mlx.detect, (mlx.CONFIG_NAME, mlx.WEIGHTS_NAME), mlx.read_adapter, mlx.save_adapter
+    ),
     "peft": AdapterFormat(
         "peft",
         lambda path: (path / CONFIG_NAME).is_file(),
@@ -89,7 +94,7 @@ def load_adapter(ref: str | Path, base: str | Path | Checkpoint | Mapping[str, A
     ``org/name@rev:file`` (see ``io.refs``).
 
     The format is detected (``FORMATS``: PEFT adapter directories, kohya and LyCORIS ``.safetensors`` files,
-    diffusers LoRA files or their folders, GGUF LoRA files). Tensors keep their stored dtype (LyCORIS LoHa / LoKr / Tucker modules
+    diffusers LoRA files or their folders, GGUF LoRA files, mlx-lm adapter directories). Tensors keep their stored dtype (LyCORIS LoHa / LoKr / Tucker modules
     are converted to exact LoRA factors: docs/formats.md). ``base`` maps a kohya or LyCORIS file's flattened names
     back to module names through the base's own weight names (``kohya.read_base``: a diffusers
     folder, a model folder, an original-layout single ``.safetensors`` file, a Hub id, a

@@ -13,6 +13,8 @@ so a module whose scale is not ``alpha / r`` for the file's alpha has the ratio
 (lora_b of such modules is stored float32 whatever its input dtype). ``alpha`` is the most
 common ``scale * r``, so a PEFT adapter without rank/alpha patterns folds nothing (bit-exact).
 
+Architectures: llama, mistral (written as llama), qwen2, qwen3, gemma, gemma2, gemma3 (text,
+``Gemma3ForCausalLM``); checked against llama.cpp's ``conversion/`` package (llama-cpp-python 0.3.36).
 The llama family (``LlamaForCausalLM``, ``MistralForCausalLM``) has its q_proj / k_proj rows
 permuted by llama.cpp (``LlamaModel.permute``: the rotary halves interleaved per head); for a
 LoRA the permutation acts on lora_b's rows only. The head counts are written as
@@ -60,9 +62,24 @@ ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("llama", True),
     "MistralForCausalLM": Architecture("llama", True),
     "Qwen2ForCausalLM": Architecture("qwen2", False),
+    # conversion/qwen.py: Qwen3Model(Qwen2Model), no permutation (q_norm / k_norm are not LoRA targets)
+    "Qwen3ForCausalLM": Architecture("qwen3", False),
+    # conversion/gemma.py: GemmaModel, Gemma2Model, Gemma3Model (text); their only weight transforms are
+    # norm.weight + 1 and Gemma 3's token_embd vocabulary trim, neither on a LoRA target
+    "GemmaForCausalLM": Architecture("gemma", False),
+    "Gemma2ForCausalLM": Architecture("gemma2", False),
+    "Gemma3ForCausalLM": Architecture("gemma3", False),
 }
 # a config.json without ``architectures`` (a bare ``PretrainedConfig.save_pretrained``) names its model_type
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 # HF module name (inside model.layers.N.) -> llama.cpp tensor name (inside blk.N.)
 _LAYER_TENSORS = {
     "self_attn.q_proj": "attn_q",
@@ -137,7 +154,7 @@ def _heads(arch_name: str, module: str, n_head: int, n_head_kv: int) -> int | No
 
 ARCHITECTURES_BY_GGUF = {a.gguf_name: a.permute_qk for a in ARCHITECTURES.values()}
 # the HF class written back for a GGUF architecture (mistral is written as llama: the same layout)
-_HF_BY_GGUF = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_BY_GGUF = {a.gguf_name: hf for hf, a in reversed(ARCHITECTURES.items())}
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -180,6 +197,14 @@ def _recorded_config(adapter: Adapter) -> dict[str, Any]:
     }
 
 
+# llama.cpp reads a token_embd LoRA flipped (lora_a (vocab, r), through llm_build_inp_embd), and a tied
+# output head (gemma, tie_word_embeddings) would apply the same pair as a matmul LoRA
+_EMBEDDING = (
+    "is an embedding LoRA (llama.cpp's token_embd LoRA is stored flipped and, with tied embeddings, reaches "
+    "the output head too; adapterops does not write it)"
+)
+
+
 def check_writable(adapter: Adapter) -> None:
     """One error line for what a llama.cpp LoRA cannot hold."""
     if adapter.full_tensors:
@@ -196,6 +221,8 @@ def check_writable(adapter: Adapter) -> None:
             if m.bias is not None
             else "targets a parameter (target_parameters)"
             if m.target is not None
+            else _EMBEDDING
+            if m.kind is ModuleKind.EMBEDDING
             else f"is a {m.kind.value} LoRA"
             if m.kind is not ModuleKind.LINEAR or m.transposed
             else None
