@@ -177,6 +177,18 @@ def test_per_module_alphas_and_a_missing_alpha(tmp_path: Path, base: dict) -> No
         )
 
 
+def test_alpha_zero_is_read_as_rank_as_sd_scripts_trains_it(tmp_path: Path, base: dict) -> None:
+    # sd-scripts' LoRAModule: ``alpha = self.lora_dim if alpha is None or alpha == 0 else alpha``
+    path = write_kohya(tmp_path / "a.safetensors", base, LINEAR, alphas={LINEAR[0]: 0.0, LINEAR[1]: 2.0})
+    with pytest.warns(UserWarning, match=r"1 module\(s\) store alpha 0 .* scale 0"):
+        adapter = load_adapter(path)
+    tensors, _ = raw(path)
+    key = "lora_unet_" + flatten(LINEAR[0])
+    by_hand = tensors[key + ".lora_up.weight"].double() @ tensors[key + ".lora_down.weight"].double()
+    torch.testing.assert_close(adapter.modules[LINEAR[0]].delta(torch.float64), by_hand, rtol=0, atol=1e-12)
+    assert adapter.modules[LINEAR[1]].scale == 2.0 / adapter.modules[LINEAR[1]].rank
+
+
 # ------------------------------------------------------------------------------------------- writing
 
 

@@ -5,7 +5,7 @@ to underscores behind a prefix that says which model it belongs to::
 
     lora_unet_<flat>.lora_down.weight   (r, in) linear, (r, in, k, k) conv (LoCon: any k)
     lora_unet_<flat>.lora_up.weight     (out, r) linear, (out, r, 1, 1) conv
-    lora_unet_<flat>.alpha              a scalar; missing means alpha = r
+    lora_unet_<flat>.alpha              a scalar; missing (or 0, as sd-scripts reads it) means alpha = r
 
     dW = (alpha / r) * lora_up @ lora_down     (conv: lora_down flattened to (r, in * k * k))
 
@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -563,9 +564,12 @@ def read_adapter(
     alphas: dict[str, str | None] = {}
     keys: dict[str, str] = {}  # module -> its key in the file, where writing it back gives that key
     renamed: list[str] = []  # modules named in the base's layout, not the file's (not written as kohya)
+    zero_alpha: list[str] = []
     for (prefix, flat), entry in sorted(parts.items()):
         key = prefix + flat
         down, up, alpha = entry.get("lora_down.weight"), entry.get("lora_up.weight"), entry.get("alpha")
+        if alpha is not None and alpha.numel() == 1 and float(alpha.double()) == 0:
+            zero_alpha.append(key)
         if down is None or up is None:
             missing = "lora_down.weight" if down is None else "lora_up.weight"
             raise AdapterFormatError(f"{path}: {key} has no {missing}; the file is incomplete")
@@ -595,6 +599,14 @@ def read_adapter(
             else:
                 renamed.append(target.name)
 
+    if zero_alpha:
+        warnings.warn(
+            f"{path}: {len(zero_alpha)} module(s) store alpha 0 ({zero_alpha[0]}"
+            f"{', ...' if len(zero_alpha) > 1 else ''}), read as alpha = rank (scale 1) as sd-scripts and "
+            "LyCORIS train them; diffusers and ComfyUI apply such modules with scale 0",
+            UserWarning,
+            stacklevel=2,
+        )
     if source is None:
         source = Source(path=str(path))
     source = Source(path=source.path, repo_id=source.repo_id, revision=source.revision, sha256=sha256)
@@ -648,6 +660,8 @@ def _module(
     if alpha is not None and alpha.numel() != 1:
         raise AdapterFormatError(f"{path}: {key}: alpha has shape {tuple(alpha.shape)}; expected a scalar")
     alpha_value = float(alpha.double()) if alpha is not None else float(rank)
+    if alpha_value == 0:  # sd-scripts' LoRAModule (and LyCORIS): ``alpha = lora_dim if alpha == 0``
+        alpha_value = float(rank)
     return LoraModule(
         name=name,
         A=A,
