@@ -54,6 +54,7 @@ def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]
     return {
         "source": adapter.source.as_dict() if adapter.source else None,
         "format": str(adapter.config.get("format", "peft")),
+        "model": _model_family(adapter),
         "base_model": adapter.base_model,
         "modules_count": len(modules),
         "parameters": params,
@@ -64,6 +65,15 @@ def describe(adapter: AdapterRef, base: BaseRef | None = None) -> dict[str, Any]
         "provenance": adapter.provenance,
         "modules": modules,
     }
+
+
+def _model_family(adapter: Adapter) -> str | None:
+    """kohya-keyed files (kohya, LyCORIS): which model's names they carry (``io.kohya.model_family``)."""
+    if adapter.config.get("format") not in ("kohya", "lycoris"):
+        return None
+    from adapterops.io.kohya import model_family
+
+    return model_family(adapter)
 
 
 def _parameter_facts(module: LoraModule) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from adapterops.cli import cli
 from adapterops.errors import AdapterOpsError
@@ -132,8 +132,10 @@ def test_every_unet_module_name_comes_back_from_its_flattening_without_a_base() 
     assert all(unflatten(flatten(n)) == n for n in names)
     for clip in ("text_model.encoder.layers.11.self_attn.out_proj", "text_model.encoder.layers.0.mlp.fc2"):
         assert unflatten(flatten(clip)) == clip
-    # SDXL's sgm names are outside the vocabulary: no guess
-    assert unflatten("input_blocks_4_1_proj_in") is None
+    # original-layout names come back in their model's own vocabulary (sgm's UNet, BFL's Flux)
+    assert unflatten("input_blocks_4_1_proj_in") == "input_blocks.4.1.proj_in"
+    assert unflatten("final_layer_adaLN_modulation_1") == "final_layer.adaLN_modulation.1"
+    assert unflatten("input_blocks_4_1_bogus_proj_in") is None  # a word of no vocabulary: no guess
 
 
 def test_names_through_the_base_equal_those_without(tmp_path: Path, unet_dir: Path, base: dict) -> None:
@@ -285,8 +287,10 @@ def test_bad_files_are_refused_with_one_line(tmp_path: Path, unet_dir: Path, bas
         },
         str(sdxl),
     )
+    bogus = tmp_path / "bogus.safetensors"  # an sgm name with a word sgm's UNet does not have
+    save_file({k.replace("_1_proj", "_1_bogus_proj"): v for k, v in load_file(str(sdxl)).items()}, str(bogus))
     with pytest.raises(AdapterOpsError) as excinfo:
-        load_adapter(sdxl)
+        load_adapter(bogus)
     _one_line(excinfo, "base=")
     with pytest.raises(AdapterOpsError) as excinfo:
         load_adapter(sdxl, base=unet_dir)

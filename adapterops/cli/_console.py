@@ -122,7 +122,7 @@ def render_info(report: dict[str, Any], console: Any) -> None:
     console.print(table)
     source = report["source"] or {}
     facts = [
-        f"format: {report.get('format', 'peft')}",
+        f"format: {report.get('format', 'peft')}" + (f" ({report['model']})" if report.get("model") else ""),
         f"modules: {report['modules_count']}",
         f"ranks: {', '.join(map(str, report['ranks']))}",
         f"parameters: {report['parameters']:,}",

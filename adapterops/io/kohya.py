@@ -130,6 +130,88 @@ _WORDS = frozenset(
     ]
 )
 
+# sgm's UNetModel (SD 1.x/2.x/XL original layout, ldm/modules/diffusionmodules/openaimodel.py) attributes
+_SGM_WORDS = frozenset(
+    [
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "in_layers",
+        "emb_layers",
+        "out_layers",
+        "skip_connection",
+        "op",
+        "conv",
+        "proj_in",
+        "proj_out",
+        "transformer_blocks",
+        "attn1",
+        "attn2",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "ff",
+        "net",
+        "proj",
+        "time_embed",
+        "label_emb",
+        "out",
+    ]
+)
+# BFL's Flux (flux/model.py, flux/modules/layers.py) attributes
+_BFL_WORDS = frozenset(
+    [
+        "double_blocks",
+        "single_blocks",
+        "img_in",
+        "txt_in",
+        "time_in",
+        "vector_in",
+        "guidance_in",
+        "in_layer",
+        "out_layer",
+        "img_mod",
+        "txt_mod",
+        "lin",
+        "img_attn",
+        "txt_attn",
+        "qkv",
+        "proj",
+        "img_mlp",
+        "txt_mlp",
+        "linear1",
+        "linear2",
+        "modulation",
+        "final_layer",
+        "linear",
+        "adaLN_modulation",
+    ]
+)
+
+
+def model_family(adapter: Adapter) -> str | None:
+    """What model a kohya-keyed adapter is for, as far as its names and metadata say: ``flux`` (BFL
+    names), ``sgm`` (SD/SDXL original layout names), ``unet`` (diffusers UNet names); with
+    sd-scripts' ``ss_base_model_version`` after it when the file recorded one. None: no such names."""
+    record = adapter.config.get(str(adapter.config.get("format")))
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    version = metadata.get("ss_base_model_version") if isinstance(metadata, dict) else None
+    names = [n for n in adapter.modules if not n.startswith((TE1, TE2))]
+    flat = [flatten(n) for n in names]
+    family = (
+        "flux"
+        if any(f.startswith(_BFL) for f in flat)
+        else "sgm"
+        if any(f.startswith(_SGM_ALL) for f in flat)
+        else "unet"
+        if names
+        else None
+    )
+    if version and family:
+        return f"{family}, {version}"
+    return family or (str(version) if version else None)
+
 
 def detect(path: Path) -> bool:
     """A local ``.safetensors`` file whose tensor names carry kohya's prefixes."""
@@ -145,8 +227,10 @@ def detect(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------- names
 
 
-def _segmentations(tokens: list[str], start: int, memo: dict[int, list[list[str]]]) -> list[list[str]]:
-    """Every way to join ``tokens[start:]`` into vocabulary words and numbers (at most 2 kept)."""
+def _segmentations(
+    tokens: list[str], start: int, memo: dict[int, list[list[str]]], words: frozenset[str]
+) -> list[list[str]]:
+    """Every way to join ``tokens[start:]`` into ``words`` and numbers (at most 2 kept)."""
     if start == len(tokens):
         return [[]]
     if start in memo:
@@ -154,8 +238,8 @@ def _segmentations(tokens: list[str], start: int, memo: dict[int, list[list[str]
     out: list[list[str]] = []
     for end in range(start + 1, len(tokens) + 1):
         word = "_".join(tokens[start:end])
-        if word in _WORDS or (end == start + 1 and word.isdigit()):
-            out += [[word, *rest] for rest in _segmentations(tokens, end, memo)]
+        if word in words or (end == start + 1 and word.isdigit()):
+            out += [[word, *rest] for rest in _segmentations(tokens, end, memo, words)]
             if len(out) > 1:
                 break
     memo[start] = out[:2]
@@ -163,8 +247,15 @@ def _segmentations(tokens: list[str], start: int, memo: dict[int, list[list[str]
 
 
 def unflatten(flat: str) -> str | None:
-    """The dotted module path ``flat`` flattens, when the vocabulary gives exactly one; else None."""
-    found = _segmentations(flat.split("_"), 0, {})
+    """The dotted module path ``flat`` flattens, when the vocabulary gives exactly one; else None.
+
+    The vocabulary is the model's the name belongs to: sgm's SD/SDXL UNet for original-layout names
+    (``input_blocks_4_1_...``), BFL's Flux for ``double_blocks_...`` and kin, else diffusers' UNet
+    and CLIP. So SDXL and Flux modules read without a base keep their original-layout names, the
+    names the original single-file checkpoint gives them.
+    """
+    words = _SGM_WORDS if flat.startswith(_SGM_ALL) else _BFL_WORDS if flat.startswith(_BFL) else _WORDS
+    found = _segmentations(flat.split("_"), 0, {}, words)
     return ".".join(found[0]) if len(found) == 1 else None
 
 
