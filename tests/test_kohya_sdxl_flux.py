@@ -153,6 +153,37 @@ def test_diffusers_loads_the_kohya_flux_file_as_adapterops_maps_it(
     assert torch.equal(merged[untouched], flux_weights[untouched])
 
 
+def test_a_kohya_flux_file_converted_to_diffusers_loads_in_diffusers_exactly(
+    tmp_path: Path, flux_dir: Path, flux_weights: dict
+) -> None:
+    """The issue's `convert my_flux_lora.safetensors --to diffusers --base transformer/`: every BFL
+    module (fused qkv and linear1 split at the base's widths, the modules outside the blocks
+    included) loaded by diffusers' own load_lora_adapter and fused gives W + dW of the kohya file."""
+    path = write_flux_kohya(tmp_path / "flux.safetensors", flux_weights, list(BFL), seed=11)
+    _invoke("convert", path, "--to", "diffusers", "--base", flux_dir, "-o", tmp_path / "flux-lora")
+    model = _flux()
+    model.load_state_dict(flux_weights)
+    model.load_lora_adapter(
+        str(tmp_path / "flux-lora"), prefix="transformer", weight_name="pytorch_lora_weights.safetensors"
+    )
+    model.fuse_lora()
+    merged = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    bfl = load_adapter(path)  # BFL names, read without a base: the file's own updates
+    ref = reference(path)
+    assert sorted(bfl.modules) == sorted(BFL)
+    for bfl_name, parts in BFL.items():
+        dw = ref[_key(bfl_name)]
+        if bfl_name == "final_layer.adaLN_modulation.1":  # diffusers' norm_out.linear: (scale, shift)
+            dw = _swap(dw)
+        rows = 0
+        for part in parts:
+            w = flux_weights[f"{part}.weight"]
+            expected = w.double() + dw[rows : rows + w.shape[0]]
+            torch.testing.assert_close(merged[f"{part}.weight"].double(), expected, rtol=0, atol=2e-6)
+            rows += w.shape[0]
+        assert rows == dw.shape[0]
+
+
 def test_fused_layers_split_exactly_by_the_base_widths(
     tmp_path: Path, flux_dir: Path, flux_weights: dict
 ) -> None:
@@ -209,6 +240,9 @@ def test_without_a_base_a_flux_file_keeps_the_names_its_bfl_single_file_gives(
         len(BFL),
     )
     assert "format: kohya (flux, flux1)" in _invoke("info", path)
+    # diffusers looks modules up by its own names: BFL names are refused there, named through a base
+    result = CliRunner().invoke(cli, ["convert", str(path), "--to", "diffusers", "-o", str(tmp_path / "d")])
+    assert result.exit_code != 0 and "--base" in result.output and not (tmp_path / "d").exists()
 
 
 def test_split_modules_are_not_written_back_as_kohya(

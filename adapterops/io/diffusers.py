@@ -466,6 +466,13 @@ def lora_metadata(adapter: Adapter) -> dict[str, Any]:
     return packed
 
 
+# the first attribute names of sgm's UNet and BFL's Flux (what kohya SDXL / Flux files name without a base)
+_ORIGINAL_LAYOUT = frozenset(
+    "input_blocks middle_block output_blocks time_embed label_emb out double_blocks single_blocks "
+    "img_in txt_in time_in vector_in guidance_in final_layer".split()
+)
+
+
 def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of ``adapter`` under diffusers' keys (PEFT spelling), factors cast to ``dtype``."""
     if adapter.full_tensors:
@@ -479,6 +486,13 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
         raise UnsupportedAdapterError(
             f"the adapter is for a language model ({language or adapter.config['task_type']}), which has no "
             "place in a diffusers pipeline LoRA file: save as PEFT, or convert --to gguf"
+        )
+    original = next((n for n in adapter.modules if n.split(".", 1)[0] in _ORIGINAL_LAYOUT), None)
+    if original is not None:  # diffusers' loaders look modules up by its own models' names
+        raise UnsupportedAdapterError(
+            f"module {original} is named in an original single-file layout (SDXL sgm or Flux BFL), not in "
+            "diffusers' models: read the file with --base pointing at the diffusers unet/ or transformer/ "
+            "folder, which maps it to diffusers' names"
         )
     out: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
