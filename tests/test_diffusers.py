@@ -25,6 +25,7 @@ from adapterops.cli import cli
 from adapterops.errors import AdapterOpsError
 from adapterops.io import load_adapter, save_adapter
 from adapterops.io.diffusers import METADATA_KEY, WEIGHTS_NAME
+from tests.support.diffusion import tiny_flux
 from tests.test_kohya import CONV, LINEAR, _unet, raw, reference_deltas, write_kohya
 
 SD = diffusers.StableDiffusionPipeline
@@ -48,18 +49,7 @@ def _text_encoder() -> CLIPTextModel:
 
 
 def _flux() -> torch.nn.Module:
-    torch.manual_seed(2)
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        joint_attention_dim=8,
-        pooled_projection_dim=8,
-        axes_dims_rope=(0, 2, 2),
-    )
+    return tiny_flux(2)
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

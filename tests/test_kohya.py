@@ -20,6 +20,7 @@ from adapterops.cli import cli
 from adapterops.errors import AdapterOpsError
 from adapterops.io import load_adapter, save_adapter
 from adapterops.io.kohya import flatten, unflatten
+from tests.support.diffusion import tiny_unet
 
 LINEAR = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -43,19 +44,7 @@ METADATA = {
 
 
 def _unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    return tiny_unet(0)
 
 
 @pytest.fixture(scope="module")

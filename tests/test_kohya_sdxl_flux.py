@@ -23,25 +23,14 @@ from safetensors.torch import load_file, save_file
 from adapterops.cli import cli
 from adapterops.errors import AdapterOpsError
 from adapterops.io import load_adapter, save_adapter
+from tests.support.diffusion import tiny_flux, tiny_unet
 from tests.support.rounding import nearest
 
 HIDDEN = 8
 
 
 def _flux() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        joint_attention_dim=8,
-        pooled_projection_dim=8,
-        guidance_embeds=True,
-        axes_dims_rope=(0, 2, 2),
-    )
+    return tiny_flux(0, guidance_embeds=True)
 
 
 @pytest.fixture(scope="module")
@@ -437,21 +426,7 @@ def reference_any(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _sdxl_like_unet() -> torch.nn.Module:
-    """SDXL's block pattern, tiny: no attention in the first down / last up block (so the last up
-    block has no upsampler and the first up block's upsampler is the third layer of its sgm slot)."""
-    torch.manual_seed(1)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    return tiny_unet(1, sdxl_pattern=True)
 
 
 # kohya SDXL keys (sgm names) written by hand for this UNet, and the diffusers module each is

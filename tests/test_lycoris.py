@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import lycoris  # a test extra (lycoris-lora): always installed where the suite runs
 import pytest
 import torch
@@ -28,23 +27,12 @@ from adapterops.cli import cli
 from adapterops.errors import AdapterOpsError, RankCapWarning
 from adapterops.io import load_adapter, save_adapter
 from adapterops.merging import merge
+from tests.support.diffusion import tiny_unet
 from tests.support.factories import peft_deltas
 
 
 def _unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
+    return tiny_unet(0)
 
 
 @contextmanager
