@@ -27,7 +27,7 @@ from adapterops.cli import cli
 from adapterops.errors import AdapterOpsError, RankCapWarning
 from adapterops.io import load_adapter, save_adapter
 from adapterops.merging import merge
-from tests.support.diffusion import tiny_unet
+from tests.support.diffusion import tiny_flux, tiny_unet
 from tests.support.factories import peft_deltas
 
 
@@ -368,3 +368,35 @@ def test_alpha_zero_means_rank_and_text_encoder_names(tmp_path: Path) -> None:
         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     ]
     assert torch.equal(te.delta(torch.float64) * 1.5, unet_module.delta(torch.float64))
+
+
+def test_a_flux_loha_with_dora_splits_by_the_diffusers_base_rows_exactly(tmp_path: Path) -> None:
+    """LyCORIS names go through kohya's naming: a LoHa + DoRA on BFL's fused qkv, read against a
+    diffusers Flux transformer, becomes to_q/to_k/to_v whose updates and magnitudes are the rows of
+    the fused module's (read without a base, in BFL's names): rows are independent in W + dW and in
+    DoRA's row norm."""
+    flux = tiny_flux(0)
+    flux.save_pretrained(tmp_path / "transformer")
+    g = torch.Generator().manual_seed(4)
+    out, inp, r = 3 * 8, 8, 2
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    save_file(
+        {
+            f"{key}.hada_w1_a": torch.randn(out, r, generator=g),
+            f"{key}.hada_w1_b": torch.randn(r, inp, generator=g),
+            f"{key}.hada_w2_a": torch.randn(out, r, generator=g),
+            f"{key}.hada_w2_b": torch.randn(r, inp, generator=g),
+            f"{key}.alpha": torch.tensor(1.0),
+            f"{key}.dora_scale": torch.rand(out, 1, generator=g) + 0.5,
+        },
+        str(tmp_path / "loha.safetensors"),
+    )
+    whole = load_adapter(tmp_path / "loha.safetensors").modules["double_blocks.0.img_attn.qkv"]
+    split = load_adapter(tmp_path / "loha.safetensors", base=tmp_path / "transformer").modules
+    dw, magnitude = whole.delta(torch.float64), whole.magnitude
+    assert magnitude is not None
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        part = split[f"transformer_blocks.0.attn.{name}"]
+        rows = slice(8 * i, 8 * (i + 1))
+        assert torch.equal(part.delta(torch.float64), dw[rows])
+        assert part.magnitude is not None and torch.equal(part.magnitude, magnitude[rows])

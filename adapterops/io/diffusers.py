@@ -468,8 +468,22 @@ def lora_metadata(adapter: Adapter) -> dict[str, Any]:
 
 # the first attribute names of sgm's UNet and BFL's Flux (what kohya SDXL / Flux files name without a base)
 _ORIGINAL_LAYOUT = frozenset(
-    "input_blocks middle_block output_blocks time_embed label_emb out double_blocks single_blocks "
-    "img_in txt_in time_in vector_in guidance_in final_layer".split()
+    [
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "time_embed",
+        "label_emb",
+        "out",
+        "double_blocks",
+        "single_blocks",
+        "img_in",
+        "txt_in",
+        "time_in",
+        "vector_in",
+        "guidance_in",
+        "final_layer",
+    ]
 )
 
 

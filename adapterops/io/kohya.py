@@ -673,7 +673,7 @@ def read_adapter(
                 "belong to this base"
             )
         for target in found:
-            module = _part(fused, target)
+            module = part(fused, target)
             if target.name in modules:
                 raise AdapterFormatError(
                     f"{path}: two kohya modules map to {target.name}; the file is refused"
@@ -717,13 +717,20 @@ def read_adapter(
     )
 
 
-def _part(module: LoraModule, target: Target) -> LoraModule:
-    """``module`` as ``target`` has it: renamed, its lora_up rows cut out and swapped as said."""
-    B = module.B if target.rows is None else module.B[target.rows[0] : target.rows[1]]
-    if target.swap_halves:
-        half = B.shape[0] // 2
-        B = torch.cat([B[half:], B[:half]])
-    return replace(module, name=target.name, B=B.contiguous())
+def part(module: LoraModule, target: Target) -> LoraModule:
+    """``module`` as ``target`` has it: renamed, its lora_up rows (and DoRA magnitudes, which are per
+    row) cut out and swapped as said. Rows are independent in ``W + dW`` and in DoRA's row norm, so
+    each part is exactly its rows of the whole."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        t = t if target.rows is None else t[target.rows[0] : target.rows[1]]
+        if target.swap_halves:
+            half = t.shape[0] // 2
+            t = torch.cat([t[half:], t[:half]])
+        return t.contiguous()
+
+    magnitude = None if module.magnitude is None else rows(module.magnitude)
+    return replace(module, name=target.name, B=rows(module.B), magnitude=magnitude)
 
 
 def _module(

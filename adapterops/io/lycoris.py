@@ -461,10 +461,8 @@ def read_adapter(
         parts.setdefault((match["prefix"], match["flat"]), {})[match["part"]] = tensor
     if not parts:
         raise AdapterFormatError(f"{path}: no LyCORIS tensors (lora_unet_* / lora_te* keys) found")
-    shapes = kohya.base_shapes(base) if base is not None else None
-    by_flat: dict[str, list[str]] = {}
-    for name in shapes or {}:
-        by_flat.setdefault(kohya.flatten(name), []).append(name)
+    modules_of_base = kohya.read_base(base) if base is not None else None
+    shapes = kohya.base_shapes(modules_of_base) if modules_of_base is not None else {}
     te_prefixes = {prefix for prefix, _ in parts if prefix in ("lora_te_", "lora_te1_")}
     if len(te_prefixes) > 1:
         raise AdapterFormatError(
@@ -477,14 +475,30 @@ def read_adapter(
     reports: list[ModuleReport] = []
     for (prefix, flat), entry in sorted(parts.items()):
         key = prefix + flat
-        model = kohya.TE2 if prefix == "lora_te2_" else kohya.TE1 if prefix != "lora_unet_" else ""
-        module_path = _module_path(path, key, flat, by_flat if shapes is not None and not model else None)
-        weight_shape = shapes[module_path] if shapes is not None and not model else None
-        module, algorithm, report = _module(f"{path}: {key}", model + module_path, entry, weight_shape)
-        modules[module.name] = module
-        algorithms[module.name] = algorithm
-        alpha = entry.get("alpha")
-        alphas[module.name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
+        found = kohya.targets(key, modules_of_base, path)  # the base's names, else the vocabularies
+        weight_shape = shapes.get(found[0].name) if len(found) == 1 else None
+        whole, algorithm, report = _module(f"{path}: {key}", found[0].name, entry, weight_shape)
+        if found[-1].rows is not None and found[-1].rows[1] != whole.out_features:
+            raise AdapterFormatError(
+                f"{path}: {key} updates {whole.out_features} rows but the base's "
+                f"{', '.join(t.name for t in found)} have {found[-1].rows[1]} together; the file does not "
+                "belong to this base"
+            )
+        for target in found:
+            module = kohya.part(whole, target)
+            if module.name in modules:
+                raise AdapterFormatError(
+                    f"{path}: two LyCORIS modules map to {module.name}; the file is refused"
+                )
+            if module.name in shapes and shapes[module.name] != module.weight_shape:
+                raise AdapterFormatError(
+                    f"{path}: {key} updates a weight of shape {module.weight_shape} but the base's "
+                    f"{module.name}.weight is {shapes[module.name]}; the file does not belong to this base"
+                )
+            modules[module.name] = module
+            algorithms[module.name] = algorithm
+            alpha = entry.get("alpha")
+            alphas[module.name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
         if report is not None:
             reports.append(report)
     if reports:
@@ -516,27 +530,6 @@ def read_adapter(
         provenance=provenance_from_metadata(path, metadata),
         report=tuple(reports),
     )
-
-
-def _module_path(path: Path, key: str, flat: str, by_flat: Mapping[str, list[str]] | None) -> str:
-    """The dotted module path of ``flat``: through the base's names when given, else kohya's vocabulary."""
-    if by_flat is not None:
-        names = by_flat.get(flat, [])
-        if len(names) != 1:
-            why = (
-                "matches no module" if not names else f"matches {len(names)} modules ({', '.join(names[:3])})"
-            )
-            raise AdapterFormatError(
-                f"{path}: {key} {why} of the base; the file does not belong to this base"
-            )
-        return names[0]
-    unflattened = kohya.unflatten(flat)
-    if unflattened is None:
-        raise UnsupportedAdapterError(
-            f"{path}: {key} cannot be mapped back to one module name without the base model (its '_' may be "
-            "'.' or part of a name): read it with its base's UNet folder, adapterops.load_adapter(path, base=...)"
-        )
-    return unflattened
 
 
 # --------------------------------------------------------------------------------------------- write
