@@ -600,6 +600,14 @@ class MergeOptions:
         "weight, add the update, round once, and drop the quantization (needed for bitsandbytes).",
         type=MergeDtype,
     )
+    workers: int = option(
+        1,
+        "Write the shards of a sharded checkpoint in N processes at once (CPU only; each gets an equal share "
+        "of the cores). The output is the same bytes as with 1.",
+        type=int,
+        min=1,
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -616,6 +624,14 @@ class UnmergeOptions:
     weights: Any = option(None, _RECORDED_WEIGHTS, type=WEIGHTS)
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N.")
     ignore_record: bool = option(False, _IGNORE_RECORD_HELP, type=bool)
+    workers: int = option(
+        1,
+        "Write the shards of a sharded checkpoint in N processes at once (CPU only; each gets an equal share "
+        "of the cores). The output is the same bytes as with 1.",
+        type=int,
+        min=1,
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         _check_fields(self)

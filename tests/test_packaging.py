@@ -45,6 +45,9 @@ TORCH_APIS = {
     *("linalg", "linalg.matrix_norm", "linalg.qr", "linalg.svd", "linalg.vector_norm"),
     "linalg.svdvals",  # torch 1.9
     *("nn", "nn.Module"),  # layer classes (io/model_names.py), unchanged since torch 1.0
+    # the merge stream (merging/pipeline.py) and its workers: all in torch 1.x
+    *("cuda.Event", "cuda.Stream", "cuda.current_stream", "cuda.default_stream", "cuda.stream"),
+    "set_num_threads",
 }
 
 

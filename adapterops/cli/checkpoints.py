@@ -116,6 +116,7 @@ def merge(base: str, adapters: tuple[str, ...], **kwargs: Any) -> None:
       adapterops merge ./base ./a ./b --weights 0.7 0.3 -o ./merged
       adapterops merge ./base ./dora-adapter -o ./merged --device cuda
       adapterops merge ./base ./my-lora -o ./merged --dry-run
+      adapterops merge ./base ./my-lora -o ./merged --device cpu --workers 4
       adapterops merge ./qwen3-fp8 ./my-lora -o ./merged-bf16 --dtype bfloat16
       adapterops merge ./sdxl.safetensors style.safetensors -o ./sdxl-styled.safetensors
     """

@@ -1,8 +1,11 @@
 """Executing a merge plan: the checkpoint streamed shard by shard, tensor by tensor.
 
-Untouched tensors are copied by the kernel; touched ones are read (prefetched by a thread),
-updated on the device by the kernels in ``ops`` (``apply_update``) and written. Peak memory is
-about one tensor's scratch plus the adapters. The output appears atomically (``io.atomic``) and
+Untouched tensors are copied by the kernel; touched ones are read ahead by a thread, updated on
+the device by the kernels in ``ops`` (``apply_update``) and written by another thread, in file
+order (``merging.pipeline``: read i+1, compute i, write i-1). Peak memory is one tensor's scratch,
+five tensor-sized buffers (three read, two write) and the adapters. With ``workers`` > 1, shards
+are written by that many processes at once, each with its own stream, into the same temporary
+folder; the bytes are the same as with one. The output appears atomically (``io.atomic``) and
 carries its merge record (``provenance``) in ``adapterops_merge.json`` and in every shard's
 ``__metadata__``, except in a shard whose header the record would push over safetensors' 100,000,000
 byte limit: that shard is written without it, with a warning, rather than unloadable.
@@ -15,12 +18,16 @@ computed together; whichever the shard order reaches second waits in ``_Tensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+import os
 import shutil
+import signal
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,12 +36,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapterops.card import lineage_section, render_card, with_lineage
-from adapterops.errors import InvalidInputError, OutputWriteError, UnsupportedAdapterError
+from adapterops.errors import InvalidInputError, OutputWriteError, UnsupportedAdapterError, param
 from adapterops.io.atomic import atomic_output_dir, atomic_output_file, check_output_path
 from adapterops.io.checkpoint import Checkpoint
 from adapterops.io.quantization import dequantize
-from adapterops.io.safetensors_file import MAX_HEADER, Shard, ShardWriter, TensorEntry, read_tensor
-from adapterops.merging.layout import OutputShard, OutputTensor, output_layout
+from adapterops.io.safetensors_file import MAX_HEADER, Shard, ShardWriter, read_tensor
+from adapterops.merging.layout import OutputShard, output_layout
+from adapterops.merging.pipeline import Stream, device_for, read_ahead
 from adapterops.merging.plan import Direction, MergePlan, Update
 from adapterops.ops.dora import dora_merge, dora_unmerge
 from adapterops.ops.kernels import Workspace, add_bias_updates, add_updates
@@ -102,17 +110,20 @@ def execute(
     force: bool = False,
     progress: Progress | None = None,
     on_shard: Callable[[Path], None] | None = None,
+    workers: int = 1,
 ) -> MergeResult:
     """Write the planned checkpoint to ``output``, atomically. See the module docstring.
 
     ``on_shard`` is called with each finished shard's (temporary) path, e.g. to start uploading it
-    while the next shard is computed.
+    while the next shard is computed; with one worker it is called on the writer thread, in order.
+    ``workers`` > 1 writes the shards of a sharded checkpoint in that many processes (CPU only).
     """
     start = time.perf_counter()
     target = Path(output).absolute()
     check_single_file_output(plan.checkpoint, target)
     check_output_path(target, force=force, file=plan.checkpoint.single_file)
     dev = resolve_device(device)
+    check_workers(plan.checkpoint, dev, workers)
     need = plan.output_bytes
     free = shutil.disk_usage(target.parent).free
     if free < need * 1.02:
@@ -141,14 +152,24 @@ def execute(
     try:
         with atomic_output_dir(target, force=force) as tmp:
             _copy_other_files(plan, tmp)
-            for shard, out in zip(plan.checkpoint.shards, layout, strict=True):
-                if not out.tensors:  # every tensor it held is dropped (a shard of scales, dequantized)
-                    if progress:
-                        progress(shard.data_size, shard.path.name)
-                    continue
-                written += _write_shard(plan, shard, out, tmp / out.name, dev, record_json, tensors, progress)
-                if on_shard:
-                    on_shard(tmp / out.name)
+            jobs = []
+            for i, (shard, out) in enumerate(zip(plan.checkpoint.shards, layout, strict=True)):
+                if out.tensors:
+                    jobs.append((i, shard, out))
+                elif progress:  # every tensor it held is dropped (a shard of scales, dequantized)
+                    progress(shard.data_size, shard.path.name)
+            if workers > 1 and len(jobs) > 1:
+                written = _write_in_processes(
+                    plan, jobs, tmp, dev, record_json, tensors, workers, progress, on_shard
+                )
+            else:
+                with Stream(device_for(dev), slot_size=largest_computed(plan, layout)) as stream:
+                    for _, shard, out in jobs:
+                        path = tmp / out.name
+                        then = None if on_shard is None else (lambda path=path: on_shard(path))
+                        written += _write_shard(
+                            plan, shard, out, path, stream, record_json, tensors, progress, then
+                        )
             if plan.checkpoint.index is not None:
                 index = dict(plan.checkpoint.index)
                 index["metadata"] = {
@@ -178,6 +199,27 @@ def execute(
         quantization=dict(sorted(tensors.errors.items())),
         notes=plan.notes,
     )
+
+
+def check_workers(checkpoint: Checkpoint, device: torch.device, workers: int) -> None:
+    """``workers`` > 1 parallelizes the shards of a sharded checkpoint on the CPU; refused elsewhere."""
+    if workers == 1:
+        return
+    if checkpoint.single_file:
+        raise InvalidInputError(
+            f"{checkpoint.describe()} is one .safetensors file, one shard: {param('workers')} > 1 applies to "
+            f"sharded checkpoints; use {param('workers', '1')}"
+        )
+    if device.type != "cpu":
+        raise InvalidInputError(
+            f"{param('workers')} > 1 runs shards in parallel CPU processes, and the merge would run on {device}; "
+            f"use {param('device', 'cpu')} or {param('workers', '1')}"
+        )
+
+
+def largest_computed(plan: MergePlan, layout: tuple[OutputShard, ...]) -> int:
+    """Bytes of the largest output tensor that is computed rather than copied (the write slots' size)."""
+    return max((t.entry.nbytes for out in layout for t in out.tensors if t.copy_from is None), default=0)
 
 
 def check_single_file_output(checkpoint: Checkpoint, target: Path) -> None:
@@ -213,8 +255,11 @@ def _write_single_file(
             "file has no place for them: merge into a checkpoint directory"
         )
     (shard,), (out,) = plan.checkpoint.shards, layout
-    with atomic_output_file(target, force=force) as tmp:
-        return _write_shard(plan, shard, out, tmp, device, record_json, tensors, progress, single=True)
+    with (
+        atomic_output_file(target, force=force) as tmp,
+        Stream(device_for(device), slot_size=largest_computed(plan, layout)) as stream,
+    ):
+        return _write_shard(plan, shard, out, tmp, stream, record_json, tensors, progress, single=True)
 
 
 def _copy_other_files(plan: MergePlan, tmp: Path) -> None:
@@ -328,18 +373,21 @@ def _write_shard(
     shard: Shard,
     out: OutputShard,
     path: Path,
-    device: torch.device,
+    stream: Stream,
     record_json: str,
     tensors: _Tensors,
     progress: Progress | None,
+    then: Callable[[], None] | None = None,
     single: bool = False,
 ) -> int:
+    """Queue ``out`` on ``stream``: its header now, its tensors as they are computed; ``then`` runs
+    on the writer thread once the file is closed. Returns its data bytes."""
     # the record goes into each shard's metadata only while the header stays loadable (safetensors
     # refuses headers over MAX_HEADER bytes); the sidecar RECORD_NAME always carries it. An earlier
     # merge's record is never kept in its place: it would describe the wrong weights.
     metadata = {k: v for k, v in shard.metadata.items() if k != RECORD_KEY}
     entries = tuple(t.entry for t in out.tensors)
-    writer = ShardWriter(path, entries, metadata, optional={RECORD_KEY: record_json})
+    writer = stream.begin(ShardWriter(path, entries, metadata, optional={RECORD_KEY: record_json}))
     if writer.dropped and single:
         warnings.warn(
             f"{shard.path.name}: the merge record would push its safetensors header over {MAX_HEADER:,} "
@@ -356,36 +404,117 @@ def _write_shard(
             stacklevel=2,
         )
     located = plan.checkpoint.tensors
-    pin = device.type == "cuda"
-    # plain updates of this shard's own tensors are read ahead by a thread; the rest on demand
-    ahead = {
-        t.entry.name
-        for t in out.tensors
-        if t.copy_from is None
-        and (u := plan.updates.get(t.entry.name)) is not None
-        and u.quantized is None
-        and u.reads is None
-    }
+    # plain updates of this shard's own tensors are read ahead by a thread; the rest on demand.
+    # Only plain sums of terms go to the device early: the other kernels take host tensors.
+    ahead, upload = set(), set()
+    for t in out.tensors:
+        update = plan.updates.get(t.entry.name)
+        if t.copy_from is None and update is not None and update.quantized is None and update.reads is None:
+            ahead.add(t.entry.name)
+            plain = not (update.bias_terms or update.experts or update.dora or update.replacement is not None)
+            if plain and update.terms:
+                upload.add(t.entry.name)
+    outputs = {t.entry.name: t for t in out.tensors}
+    source = tensors.handle(shard)  # open until the stream is done: queued copies read it
     done = 0
-    try:
-        with shard.path.open("rb") as source:
-            for output, tensor in _prefetched(shard, source, out.tensors, ahead, pin):
-                name = output.entry.name
-                if output.copy_from is not None:
-                    from_shard, from_entry = located[output.copy_from]
-                    handle = source if from_shard is shard else tensors.handle(from_shard)
-                    writer.copy(output.entry, handle, from_shard, from_entry)
-                else:
-                    writer.write(output.entry, tensors.value(name, tensor))
-                if progress:
-                    counted = located[name][1].nbytes if name in located else 0
-                    done += counted
-                    progress(counted, name)
-    finally:
-        writer.close()
+    reads = read_ahead(shard, source, tuple(outputs), ahead, stream.device, upload)
+    with contextlib.closing(reads):  # closed on an error too: the reader thread ends
+        for name, tensor in reads:
+            output = outputs[name]
+            if output.copy_from is not None:
+                from_shard, from_entry = located[output.copy_from]
+                stream.copy(writer, output.entry, tensors.handle(from_shard), from_shard, from_entry)
+            else:
+                stream.write(writer, output.entry, tensors.value(name, tensor))
+            if progress:
+                counted = located[name][1].nbytes if name in located else 0
+                done += counted
+                progress(counted, name)
+    stream.end(writer, then)
     if progress and shard.data_size > done:  # tensors the output drops (dequantized scales)
         progress(shard.data_size - done, shard.path.name)
     return out.data_size
+
+
+# -- shards in parallel processes ------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}  # a worker process's plan and state, set by _worker_start
+
+
+def _write_in_processes(
+    plan: MergePlan,
+    jobs: list[tuple[int, Shard, OutputShard]],
+    tmp: Path,
+    device: torch.device,
+    record_json: str,
+    tensors: _Tensors,
+    workers: int,
+    progress: Progress | None,
+    on_shard: Callable[[Path], None] | None,
+) -> int:
+    """Each shard written by one of ``workers`` spawned processes (largest first), into ``tmp``.
+    Their DoRA norms, quantization errors and warnings come back here; the bytes are the same as
+    one process writes. Each process gets an equal share of the cores for torch's threads."""
+    workers = min(workers, len(jobs))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    order = [(i, out.name, tmp) for i, _, out in sorted(jobs, key=lambda job: -job[2].data_size)]
+    by_index = {i: (shard, out) for i, shard, out in jobs}
+    written = 0
+    context = multiprocessing.get_context("spawn")
+    layout = tuple(out for _, _, out in jobs)
+    pool = context.Pool(workers, _worker_start, (plan, layout, str(device), record_json, threads))
+    try:
+        for i, nbytes, errors, norms, caught in pool.imap_unordered(_worker_shard, order):
+            shard, out = by_index[i]
+            written += nbytes
+            tensors.errors.update(errors)
+            tensors.norms.update(norms)
+            for category, message in caught:
+                warnings.warn(message, category, stacklevel=3)
+            if progress:
+                progress(shard.data_size, shard.path.name)
+            if on_shard:
+                on_shard(tmp / out.name)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # the atomic output removes what the workers wrote
+        raise
+    finally:
+        pool.join()
+    return written
+
+
+def _worker_start(
+    plan: MergePlan, layout: tuple[OutputShard, ...], device: str, record_json: str, threads: int
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which ends the pool
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    outputs = {out.name: out for out in layout}
+    _WORKER.update(plan=plan, outputs=outputs, device=dev, record_json=record_json)
+    _WORKER["tensors"] = _Tensors(plan, dev, Workspace())
+
+
+def _worker_shard(
+    job: tuple[int, str, Path],
+) -> tuple[int, int, dict[str, QuantizationError], dict[str, torch.Tensor], list[tuple[type[Warning], str]]]:
+    index, name, tmp = job  # the base's shard index, the output shard's name
+    plan: MergePlan = _WORKER["plan"]
+    tensors: _Tensors = _WORKER["tensors"]
+    shard, out = plan.checkpoint.shards[index], _WORKER["outputs"][name]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Stream(device_for(_WORKER["device"]), slot_size=largest_computed(plan, (out,))) as stream:
+            nbytes = _write_shard(
+                plan, shard, out, tmp / out.name, stream, _WORKER["record_json"], tensors, None
+            )
+    return (
+        index,
+        nbytes,
+        dict(tensors.errors),
+        dict(tensors.norms),
+        [(w.category, str(w.message)) for w in caught],
+    )
 
 
 def _update(
@@ -445,41 +574,6 @@ def _all_finite(t: torch.Tensor) -> bool:
         return bool(torch.isfinite(t).all())
     view, mask = _EXPONENT[t.dtype]
     return int(t.contiguous().view(view).bitwise_and(mask).amax()) != mask
-
-
-def _prefetched(
-    shard: Shard, source: Any, outputs: tuple[OutputTensor, ...], ahead: set[str], pin: bool
-) -> Iterator[tuple[OutputTensor, torch.Tensor | None]]:
-    """Output tensors in order, with the base tensors named in ``ahead`` (this shard's, same name)
-    read ahead by one thread (two in flight)."""
-    by_name = {e.name: e for e in shard.entries}
-    wanted = [by_name[t.entry.name] for t in outputs if t.entry.name in ahead]
-    # three reusable read buffers: one being computed on, two read ahead (entry k uses slot k % 3)
-    size = max((e.nbytes for e in wanted), default=0)
-    slots = [torch.empty(size, dtype=torch.uint8, pin_memory=pin) for _ in range(3 if wanted else 0)]
-
-    def read(k: int, entry: TensorEntry) -> torch.Tensor:  # pread: no shared file offset with the copies
-        return read_tensor(source, shard, entry, into=slots[k % 3])
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterops-read") as pool:
-        pending: dict[str, Future[torch.Tensor]] = {}
-        queue = iter(enumerate(wanted))
-
-        def top_up() -> None:
-            while len(pending) < 2:
-                nxt = next(queue, None)
-                if nxt is None:
-                    return
-                pending[nxt[1].name] = pool.submit(read, *nxt)
-
-        top_up()
-        for output in outputs:
-            if output.entry.name in ahead:
-                tensor = pending.pop(output.entry.name).result()
-                top_up()  # reads k+1 and k+2 while k is computed: three distinct slots
-                yield output, tensor
-            else:
-                yield output, None
 
 
 def apply_update(
