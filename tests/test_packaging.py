@@ -48,6 +48,11 @@ TORCH_APIS = {
     # the merge stream (merging/pipeline.py) and its workers: all in torch 1.x
     *("cuda.Event", "cuda.Stream", "cuda.current_stream", "cuda.default_stream", "cuda.stream"),
     "set_num_threads",
+    # the certified kernel (ops/kernels.py, ops/rounding.py); copysign and minimum 1.7-1.8,
+    # get_float32_matmul_precision 1.12, backends.cuda.matmul.allow_tf32 1.7, the rest 1.0
+    *("abs", "add", "as_tensor", "bitwise_and", "copysign", "index_select", "isinf", "minimum"),
+    *("get_num_threads", "get_float32_matmul_precision"),
+    *("backends", "backends.cuda", "backends.cuda.matmul", "backends.cuda.matmul.allow_tf32"),
 }
 
 

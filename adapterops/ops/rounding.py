@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MANTISSA_BITS = {
@@ -59,3 +61,67 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # frexp: |x| = f * 2**e with f in [0.5, 1), so the spacing is 2**(e - 1 - bits)
     spacing = torch.ldexp(torch.ones_like(x, dtype=torch.float64), exponent - 1 - bits)
     return torch.clamp(spacing, min=info.smallest_normal * 2.0**-bits)
+
+
+# float32 bits of one half-precision cell: (mask keeping the cell, the midpoint's offset in it)
+_CELLS = {torch.bfloat16: (-(1 << 16), 1 << 15), torch.float16: (-(1 << 13), 1 << 12)}
+
+
+def midpoint_gap(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``|x - m|`` for float32 ``x``, ``m`` the rounding midpoint inside x's ``dtype`` cell (exact).
+
+    A float32 value's bit pattern, its low 16 (bfloat16) or 13 (float16) bits cleared, is the
+    half-precision value below it; the same pattern with those bits ``1000...`` is the midpoint
+    ``m`` between it and the next. ``x`` and ``m`` share sign and exponent, so ``x - m`` is exact.
+    The nearest midpoint of all is at least half as far (``docs/math.md``, certified kernel):
+    the one below the binade's first value sits at least a quarter step under it. Inf and NaN
+    give NaN. For float16 this holds only where ``|x| >= 2**-14`` (float16's subnormals are not
+    aligned with float32's bits); below that the caller must not trust it. Past float16's range
+    the cells are not float16's, yet the factor holds: |x| >= 2**e >= 2**16 lies at least
+    2**(e - 12) >= gap / 2 above the overflow threshold 65520.
+
+    ``out``: an int32 buffer of x's shape to compute in (the result is a float32 view of it).
+    Worked example (bfloat16, steps of 2**-7 on [1, 2)): x = 1 + 2**-9 lies in the cell of 1,
+    whose midpoint is 1 + 2**-8, so the gap is 2**-9.
+    """
+    mask, half = _CELLS[dtype]
+    bits = torch.bitwise_and(x.view(torch.int32), mask, out=out)
+    gap = bits.bitwise_or_(half).view(torch.float32)
+    return gap.sub_(x).abs_()
+
+
+def midpoint_distance(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float64 distance from each float32 ``x`` to the nearest rounding midpoint of ``dtype``.
+
+    Exact for every finite x, subnormals and values past the largest finite one included: the
+    midpoints next to ``r = x.to(dtype)`` (the nearest value) are halfway to r's two neighbours,
+    found by stepping r's bit pattern; an infinite r or neighbour counts as 2**(emax + 1), where
+    the overflow threshold is the midpoint. NaN for Inf or NaN x. For the few elements
+    ``midpoint_gap`` leaves uncertain, so it may cost a dozen small passes.
+    """
+    rounded = x.to(dtype)
+    bits = rounded.view(torch.int16).to(torch.int32)
+    top = 2.0 ** math.frexp(torch.finfo(dtype).max)[1]  # the value after the largest finite one
+    value = _finite(rounded.double(), top)
+    negative = bits < 0
+    magnitude = bits & 0x7FFF
+    # the neighbours of |r| away from and towards zero; zero's neighbour towards zero is -tiny
+    away = magnitude + 1
+    towards = magnitude - 1
+    sign = torch.where(negative, -1.0, 1.0).double()
+    far = _from_bits(away, dtype, top) * sign
+    tiny = _from_bits(torch.ones_like(magnitude), dtype, top)
+    near = torch.where(magnitude == 0, -tiny, _from_bits(towards, dtype, top)) * sign
+    x64 = x.double()
+    return torch.minimum((x64 - (value + far) / 2).abs(), (x64 - (value + near) / 2).abs())
+
+
+def _from_bits(magnitude: torch.Tensor, dtype: torch.dtype, top: float) -> torch.Tensor:
+    """Non-negative ``dtype`` values from their 15-bit patterns: Inf as ``top``, past it (NaN) Inf,
+    so that no midpoint lies above the overflow threshold."""
+    values = magnitude.clamp(max=0x7FFF).to(torch.int16).view(dtype).double()
+    return _finite(values, top).nan_to_num(nan=math.inf)
+
+
+def _finite(values: torch.Tensor, top: float) -> torch.Tensor:
+    return torch.where(torch.isinf(values), torch.copysign(torch.full_like(values, top), values), values)
