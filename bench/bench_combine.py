@@ -6,7 +6,11 @@ Two synthetic PEFT adapters with Llama-3.1-8B module shapes (hidden 4096, interm
 1. adapterops: the whole 32-layer adapter (224 modules), `adapterops combine a b --weights 0.7 0.3
    --method svd --rank 16`, run as a subprocess: wall time including Python start, load and save;
    peak RSS of that process.
-2. PEFT: one decoder layer of the same shapes (PEFT would need the whole 8B base model in memory
+2. In process, on layer 0 (7 modules, 2 adapters): ``combine_module(..., Method.SVD, rank 16)`` against a
+   bare low-rank reference that does only what any factor SVD must (``bare_reference``: float64 QR of
+   the stacked weighted B's and of the stacked A's transposed, SVD of the small core, and, as a
+   second reference, forming the rank-16 factors in the storage dtype): the overhead of ours.
+3. PEFT: one decoder layer of the same shapes (PEFT would need the whole 8B base model in memory
    for all 32 layers), `add_weighted_adapter([...], [0.7, 0.3], combination_type="svd", svd_rank=16)`,
    timed per layer; its result compared module by module with adapterops' output.
 
@@ -18,6 +22,7 @@ Prints a markdown table for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,10 +30,13 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from adapterops.adapter import LoraModule
 
 HIDDEN, INTERMEDIATE, KV = 4096, 14336, 1024
 SHAPES = {  # module -> (out, in)
@@ -91,6 +99,53 @@ def run_adapterops(a: Path, b: Path, out: Path) -> tuple[float, float]:
     wall = time.perf_counter() - start
     # the largest peak of any child so far: call this first, before other children run
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def bare_reference(
+    terms: list[tuple[float, LoraModule]], rank: int, factors: bool
+) -> tuple[torch.Tensor, ...]:
+    """The least a factor SVD of sum_i w_i s_i B_i A_i does, in our dtype policy (float64 compute):
+    QR of [w_i s_i B_i], QR of [A_i]^T, SVD of the core Rb Ra^T; with ``factors``, also the rank-k
+    factors B = Qb U_k sqrt(S_k), A = sqrt(S_k) Vh_k Qa^T rounded to the storage dtype."""
+    B = torch.cat([(w * m.scale) * m.B.double() for w, m in terms], dim=1)
+    A = torch.cat([m.A.double() for _, m in terms], dim=0)
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    if not factors:
+        return U, S, Vh
+    root = S[:rank].sqrt()
+    dtype = terms[0][1].A.dtype
+    return (Qb @ (U[:, :rank] * root)).to(dtype), ((root[:, None] * Vh[:rank]) @ Qa.T).to(dtype)
+
+
+def run_overhead(a: Path, b: Path, repeats: int = 5) -> list[tuple[str, float, float, float]]:
+    """Per module of layer 0: (name, ours, bare QR+SVD, bare + factors), best of ``repeats`` seconds."""
+    import adapterops as ao
+    from adapterops.ops.combine import combine_module
+    from adapterops.ops.lowrank import RankPolicy
+    from adapterops.options import Method
+
+    in_a, in_b = ao.load_adapter(a), ao.load_adapter(b)
+    policy = RankPolicy(rank=RANK)
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    rows = []
+    for name in sorted(n for n in in_a.modules if ".layers.0." in n):
+        terms = [(0.7, in_a.modules[name]), (0.3, in_b.modules[name])]
+        ours = functools.partial(combine_module, terms, Method.SVD, policy)
+        bare = functools.partial(bare_reference, terms, RANK, factors=False)
+        full = functools.partial(bare_reference, terms, RANK, factors=True)
+        rows.append((name, best(ours), best(bare), best(full)))
+    return rows
 
 
 def one_layer_model() -> torch.nn.Module:
@@ -185,6 +240,17 @@ def main() -> None:
     print(
         f"adapterops combine --method svd (whole adapter, fresh process): best {min(runs):.2f} s of "
         f"{', '.join(f'{r:.2f}' for r in runs)}; peak RSS {rss:.0f} MiB"
+    )
+    rows = run_overhead(a, b)
+    ours, bare, with_factors = (sum(r[i] for r in rows) for i in (1, 2, 3))
+    for name, mine, qr_svd, full in rows:
+        print(
+            f"  {name}: ours {mine * 1e3:.1f} ms, bare {qr_svd * 1e3:.1f} ms, bare + factors {full * 1e3:.1f} ms"
+        )
+    print(
+        f"layer 0 in process, {torch.get_num_threads()} threads: ours {ours * 1e3:.1f} ms = "
+        f"{ours / bare:.2f}x bare QR+SVD ({bare * 1e3:.1f} ms), {ours / with_factors:.2f}x bare + factors "
+        f"({with_factors * 1e3:.1f} ms)"
     )
     if args.peft_layers:
         per_layer, deltas = run_peft(a, b, args.peft_layers)

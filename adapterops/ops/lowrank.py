@@ -12,7 +12,9 @@ Cost: O((out + in) R^2), memory O((out + in) R). No (out, in) matrix is ever for
 ``best_low_rank`` is the dense counterpart, for updates that exist only densely (DoRA's, and the
 merged updates of TIES/DARE/magnitude pruning): an exact SVD for small matrices, a randomized range
 finder for large ones. A ``Dense`` lets a large matrix be held in float32 while its error is still
-measured against its exact float64 rows, recomputed tile by tile.
+measured against its exact float64 rows, recomputed tile by tile. An ``Operator`` is a large matrix
+never formed at all (DoRA's diag(g) W + B A): the range finder only multiplies by it in float32, the
+Rayleigh-Ritz step and the error use its exact float64 form.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from adapterops.adapter import Solver
 from adapterops.options import RankTarget
 
+POWER_ITERATIONS = 4  # of the range finder on an ``Operator`` (``_operator_svd``), as ``_randomized_svd``
 FULL_RANK = "capped at full rank"  # how a module's note starts when rank K asked for more than it holds
 
 
@@ -251,14 +254,33 @@ class Dense:
 
     def left(self, B: torch.Tensor) -> torch.Tensor:
         """``B.T @ M`` (k, in) for a float64 B (out, k), against the exact M, accumulated in float64."""
-        product = B.new_zeros(B.shape[1], self.held.shape[1])
-        for r0, rows in self.rows():
-            product += B[r0 : r0 + rows.shape[0]].T @ rows
-        return product
+        return _left(self.rows(), B, self.held.shape[1])
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A large matrix M (``shape``) known by its products, never formed: ``times(X)`` = M @ X and
+    ``times_t(Y)`` = M^T @ Y on float32 blocks (the range finder); ``left(B)`` = B.T @ M in float64
+    against the exact M (the Rayleigh-Ritz step and the error); ``total`` = ||M||_F^2 of the exact
+    M; ``dense()`` the exact float64 M, for when a full SVD is cheaper."""
+
+    shape: tuple[int, int]
+    total: float
+    times: Callable[[torch.Tensor], torch.Tensor]
+    times_t: Callable[[torch.Tensor], torch.Tensor]
+    left: Callable[[torch.Tensor], torch.Tensor]
+    dense: Callable[[], torch.Tensor]
+
+
+def _left(tiles: Iterable[tuple[int, torch.Tensor]], B: torch.Tensor, inp: int) -> torch.Tensor:
+    product = B.new_zeros(B.shape[1], inp)
+    for r0, rows in tiles:
+        product += B[r0 : r0 + rows.shape[0]].T @ rows
+    return product
 
 
 def best_low_rank(
-    M: torch.Tensor | Dense,
+    M: torch.Tensor | Dense | Operator,
     policy: RankPolicy,
     *,
     exact_limit: int = 1024,
@@ -276,7 +298,12 @@ def best_low_rank(
     With a budget (``policy.is_global``) the factors hold the leading directions up to max_rank (else
     ``default``, else the full rank) and ``tails`` the exact squared error at every rank up to there:
     the caller chooses k over all modules and slices the factors (``ops.budget``).
+    An ``Operator`` above ``exact_limit`` gets the same range finder on its float32 products, then a
+    float64 Rayleigh-Ritz step against its exact rows (``_operator_svd``); at or below, or where the
+    sketch would grow too wide, the full SVD of its exact ``dense()``.
     """
+    if isinstance(M, Operator):
+        return _operator_low_rank(M, policy, exact_limit, seed, default)
     dense = M if isinstance(M, Dense) else Dense.of(M)
     held, total = dense.held, dense.total
     out, inp = held.shape
@@ -287,7 +314,7 @@ def best_low_rank(
         return LowRank(zeros.new_zeros(1, inp), zeros.new_zeros(out, 1), 1.0, 0.0, Solver.DENSE, tails=tails)
     bound, fixed = policy.bound(full, default)
     if full <= exact_limit:
-        return _result(dense, policy, torch.linalg.svd(held, full_matrices=False), Solver.DENSE, default)
+        return _result(dense, policy, full_svd(held), Solver.DENSE, default)
     width = (bound or 32) + 16
     generator = torch.Generator(device=held.device).manual_seed(seed)
     M32 = held.float()
@@ -295,12 +322,21 @@ def best_low_rank(
         width = min(width, full)
         if not fixed and 4 * width >= full:  # as costly as the exact SVD by now
             del M32
-            return _result(dense, policy, torch.linalg.svd(held, full_matrices=False), Solver.DENSE, default)
+            return _result(dense, policy, full_svd(held), Solver.DENSE, default)
         U, S, Vh = _randomized_svd(M32, width, generator)
         k = policy.pick(S, (out, inp), total=total, default=default).k
         if fixed or k < width - 8:
             return _result(dense, policy, (U, S, Vh), Solver.RANDOMIZED, default)
         width *= 2
+
+
+def full_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(M, full_matrices=False)``, through M^T where M is wide: LAPACK takes a
+    row-major wide M as a column-major tall one about three times faster (256x2048: 35 ms, not 110)."""
+    if M.shape[0] >= M.shape[1]:
+        return torch.linalg.svd(M, full_matrices=False)
+    U, S, Vh = torch.linalg.svd(M.mT, full_matrices=False)
+    return Vh.mT, S, U.mT
 
 
 def _randomized_svd(M: torch.Tensor, width: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -313,44 +349,104 @@ def _randomized_svd(M: torch.Tensor, width: int, generator: torch.Generator) -> 
     return Q @ Ub, S, Vh
 
 
+def _operator_low_rank(
+    op: Operator, policy: RankPolicy, exact_limit: int, seed: int, default: int | None
+) -> LowRank:
+    """``best_low_rank`` of an ``Operator``: the same widening range finder, on its products."""
+    out, inp = op.shape
+    full = min(out, inp)
+    bound, fixed = policy.bound(full, default)
+    if op.total == 0.0 or full <= exact_limit:
+        return best_low_rank(
+            Dense.of(op.dense()), policy, exact_limit=exact_limit, seed=seed, default=default
+        )
+    width = (bound or 32) + 16
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        width = min(width, full)
+        if not fixed and 4 * width >= full:  # as costly as the exact SVD by now
+            return best_low_rank(Dense.of(op.dense()), policy, exact_limit=full, default=default)
+        Q, U, S, Vh, left = _operator_svd(op, width, generator)
+        k = policy.pick(S, (out, inp), total=op.total, default=default).k
+        if fixed or k < width - 8:
+            # B.T M for B = (Q U)[:, :k] sqrt(S[:k]) is sqrt(S[:k]) (U.T Q.T M)[:k]: no further pass over M
+            return _result(op, policy, (Q @ U, S, Vh), Solver.RANDOMIZED, default, U.T @ left)
+        width *= 2
+
+
+def _operator_svd(op: Operator, width: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """The leading SVD of M from a float32 range finder on its products (4 power iterations, as
+    ``_randomized_svd``), then Rayleigh-Ritz in float64: Q.T M against the exact rows of M and the
+    SVD of that small (width, in) core, so the factors are the best within span(Q) to float64.
+
+    Returns (Q, U, S, Vh, Q.T M): M ~ (Q U) diag(S) Vh, all float64.
+    """
+    omega = torch.randn(op.shape[1], width, generator=generator, dtype=torch.float32)
+    Q = torch.linalg.qr(op.times(omega))[0]
+    for _ in range(POWER_ITERATIONS):
+        Q = torch.linalg.qr(op.times_t(Q))[0]
+        Q = torch.linalg.qr(op.times(Q))[0]
+    Q64 = Q.double()
+    core = op.left(Q64)
+    U, S, Vh = full_svd(core)
+    return Q64, U, S, Vh, core
+
+
 def _result(
-    dense: Dense,
+    dense: Dense | Operator,
     policy: RankPolicy,
     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     solver: Solver,
     default: int | None,
+    unit_left: torch.Tensor | None = None,
 ) -> LowRank:
-    """The rank ``policy`` picks from the (possibly leading part of the) SVD, its factors and errors."""
+    """The rank ``policy`` picks from the (possibly leading part of the) SVD, its factors and errors.
+
+    ``unit_left``: ``U.T @ M`` when it is known already (else measured through ``dense.left``).
+    """
     U, S, Vh = svd
     shape = (int(U.shape[0]), int(Vh.shape[1]))
     pick = policy.pick(S, shape, total=dense.total, default=default)
     k = max(1, pick.k)
-    low = _factors(dense, U[:, :k].double(), S[:k].double(), Vh[:k].double(), solver)
+    root = S[:k].double().sqrt()
+    left = None if unit_left is None else root[:, None] * unit_left[:k]
+    low = _factors(dense, U[:, :k].double(), S[:k].double(), Vh[:k].double(), solver, left)
     if not policy.is_global:
         return replace(low, note=pick.note)
     # a whole float64 spectrum gives every tail at once; a leading part, or one computed in float32,
     # needs them measured against the exact M
-    exact = solver is Solver.DENSE and dense.held.dtype == torch.float64
-    tails = suffix_energies(S, k) if exact else _tails(dense, low.B, low.A)
+    exact = solver is Solver.DENSE and isinstance(dense, Dense) and dense.held.dtype == torch.float64
+    tails = suffix_energies(S, k) if exact else _tails(dense, low.B, low.A, left)
     return replace(low, note=pick.note, tails=tails)
 
 
-def _tails(dense: Dense, B: torch.Tensor, A: torch.Tensor) -> tuple[float, ...]:
+def _tails(
+    dense: Dense | Operator, B: torch.Tensor, A: torch.Tensor, left: torch.Tensor | None = None
+) -> tuple[float, ...]:
     """``||M - B[:, :i] A[:i]||_F^2`` for i = 0..k, exactly: ||M||^2 - 2 sum_{j<i} <M, b_j a_j>
-    + sum_{j,l<i} <b_j a_j, b_l a_l>, whether or not B and A are orthogonal to the last bit."""
+    + sum_{j,l<i} <b_j a_j, b_l a_l>, whether or not B and A are orthogonal to the last bit.
+    ``left``: ``B.T @ M`` when known already."""
     total = dense.total
-    inner = torch.cumsum((dense.left(B) * A).sum(1), 0)
+    inner = torch.cumsum(((dense.left(B) if left is None else left) * A).sum(1), 0)
     gram = ((B.T @ B) * (A @ A.T)).cumsum(0).cumsum(1).diagonal()
     errors = (total - 2 * inner + gram).clamp(min=0.0)
     return (total, *(float(x) for x in errors))
 
 
-def _factors(dense: Dense, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, solver: Solver) -> LowRank:
+def _factors(
+    dense: Dense | Operator,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    Vh: torch.Tensor,
+    solver: Solver,
+    left: torch.Tensor | None = None,
+) -> LowRank:
     root = S.sqrt()
     B, A = U * root[None, :], root[:, None] * Vh
     # ||M - B A||^2 = ||M||^2 - 2 <M, B A> + ||B A||^2, all in float64 against the exact M (row tiles
-    # of it where it is held in float32), whether or not U and Vh are orthonormal to the last bit
-    inner = float((dense.left(B) * A).sum())
+    # of it where it is held in float32; ``left`` = B.T M where the caller has it from such tiles),
+    # whether or not U and Vh are orthonormal to the last bit
+    inner = float(((dense.left(B) if left is None else left) * A).sum())
     kept = float(((B.T @ B) * (A @ A.T)).sum())
     total = dense.total
     error = max(total - 2 * inner + kept, 0.0)
