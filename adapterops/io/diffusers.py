@@ -47,16 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import AdapterFormatError, AdapterOpsError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir, atomic_output_file
 from adapterops.io.patterns import shown
-from adapterops.io.peft import PROVENANCE_KEY, file_sha256, provenance_from_metadata
+from adapterops.io.peft import PROVENANCE_KEY, provenance_from_metadata
 from adapterops.io.peft_config import check_config, get_pattern_key, lora_scale
 from adapterops.io.refs import inside
-from adapterops.io.safetensors_file import read_header, save_tensors
+from adapterops.io.safetensors_file import load_all, read_header, save_tensors
 
 FORMAT = "diffusers"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -143,20 +142,6 @@ def detect(path: Path) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- read
-
-
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
-        detail = shown(str(exc).split("\n", 1)[0][:300])
-        raise AdapterFormatError(
-            f"{path}: not a readable safetensors file ({detail}); it is corrupt, or the download or save "
-            "was cut short: fetch or save it again"
-        ) from None
-    return tensors, metadata
 
 
 def _json_object(where: Path, key: str, text: str) -> dict[str, Any]:
@@ -259,8 +244,7 @@ def read_adapter(path: Path, source: Source | None = None) -> Adapter:
         raise AdapterFormatError(f"{path}: no {WEIGHTS_NAME}; expected a diffusers LoRA file or its folder")
     if file != path:
         inside(path, file)  # a link that leads out of the folder is not followed
-    sha256 = file_sha256(file)
-    tensors, metadata = _read_file(file)
+    tensors, metadata, sha256 = load_all(file)
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     forms: dict[str, dict[str, str]] = {}
     for key, tensor in tensors.items():

@@ -56,7 +56,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import (
@@ -67,7 +66,7 @@ from adapterops.errors import (
 from adapterops.io.atomic import atomic_output_file
 from adapterops.io.checkpoint import DENOISER_ROOT, OPENCLIP_ROOTS, TE1_ROOTS, Checkpoint, open_checkpoint
 from adapterops.io.peft import PROVENANCE_KEY, provenance_from_metadata
-from adapterops.io.safetensors_file import read_header, save_tensors
+from adapterops.io.safetensors_file import load_all, read_header, save_tensors
 
 FORMAT = "kohya"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -598,21 +597,7 @@ def _flux_targets(
 
 
 def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
-        detail = str(exc).split("\n", 1)[0][:300]
-        raise AdapterFormatError(
-            f"{path}: not a readable safetensors file ({detail if detail.isprintable() else repr(detail)}); "
-            "it is corrupt, or the download or save was cut short: fetch or save it again"
-        ) from None
-    return tensors, metadata, digest.hexdigest()
+    return load_all(path)
 
 
 def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:

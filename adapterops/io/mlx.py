@@ -44,14 +44,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import AdapterFormatError, InvalidInputError, NotFoundError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir
 from adapterops.io.peft_config import PASSTHROUGH_FIELDS
 from adapterops.io.refs import inside
-from adapterops.io.safetensors_file import save_tensors
+from adapterops.io.safetensors_file import load_all, save_tensors
 
 FORMAT = "mlx"
 WEIGHTS_NAME = "adapters.safetensors"
@@ -114,21 +113,7 @@ def _config(directory: Path) -> dict[str, Any]:
 
 
 def _tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
-    from adapterops.io.peft import file_sha256
-
-    path = inside(directory, directory / WEIGHTS_NAME)
-    sha256 = file_sha256(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
-        detail = str(exc).split("\n", 1)[0][:300]
-        raise AdapterFormatError(
-            f"{path}: not a readable safetensors file ({detail if detail.isprintable() else repr(detail)}); "
-            "it is corrupt or was cut short: save it again"
-        ) from None
-    return tensors, metadata, sha256
+    return load_all(inside(directory, directory / WEIGHTS_NAME))
 
 
 def read_adapter(directory: Path, source: Source | None = None) -> Adapter:

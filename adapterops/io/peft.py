@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adapterops.adapter import (
     Adapter,
@@ -52,7 +51,7 @@ from adapterops.io.peft_config import (
     read_config,
 )
 from adapterops.io.refs import inside
-from adapterops.io.safetensors_file import save_tensors
+from adapterops.io.safetensors_file import file_sha256, load_all, save_tensors
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -78,23 +77,7 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         if path.is_symlink() or path.exists():
             inside(directory, path)  # a link that leads out of the adapter directory is not followed
     if st_path.is_file():
-        # hash first (sequential read), then parse through mmap: the second pass hits the page cache
-        sha256 = file_sha256(st_path)
-        try:
-            with safe_open(str(st_path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        # safetensors checks the header (its errors are SafetensorError); torch then refuses shapes it
-        # cannot hold (TypeError, RuntimeError: a dimension past int64 in a zero-sized tensor)
-        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
-            detail = str(exc).split("\n", 1)[0][:300]  # torch appends a C++ stack trace
-            if not detail.isprintable():  # a tensor name's terminal escapes, shown, never sent
-                detail = repr(detail)
-            raise AdapterFormatError(
-                f"{st_path}: not a readable safetensors file ({detail}); it is corrupt, or the download or "
-                "save was cut short: fetch or save it again"
-            ) from None
-        return tensors, metadata, sha256
+        return load_all(st_path)
     if bin_path.is_file():
         data = bin_path.read_bytes()
         try:
@@ -110,14 +93,6 @@ def read_tensors(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise AdapterFormatError(f"{bin_path}: expected a dict of tensors")
         return dict(tensors), {}, hashlib.sha256(data).hexdigest()
     raise NotFoundError(f"{directory}: no {SAFETENSORS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_adapter(directory: Path, source: Source | None = None) -> Adapter:

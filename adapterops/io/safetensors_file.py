@@ -18,6 +18,7 @@ safetensors' limit are neither read nor written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -385,3 +386,36 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapp
             writer.write(entry, tensors[entry.name])
     finally:
         writer.close()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read sequentially in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """Every tensor of an adapter's safetensors file, its metadata and the file's sha256.
+
+    Hashed first (a sequential read), then parsed through mmap, which hits the page cache. A file
+    that safetensors (the header) or torch (shapes it cannot hold) refuses is one error line.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    sha256 = file_sha256(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError, OverflowError) as exc:
+        detail = str(exc).split("\n", 1)[0][:300]  # torch appends a C++ stack trace
+        if not detail.isprintable():  # a tensor name's terminal escapes, shown, never sent
+            detail = repr(detail)
+        raise AdapterFormatError(
+            f"{path}: not a readable safetensors file ({detail}); it is corrupt, or the download or save was "
+            "cut short: fetch or save it again"
+        ) from None
+    return tensors, metadata, sha256
