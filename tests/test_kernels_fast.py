@@ -353,3 +353,21 @@ def test_bfloat16_matmuls_on_the_cpu_fall_back_to_float64(monkeypatch: pytest.Mo
     finally:
         matmul.fp32_precision = previous
     assert called == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn])
+def test_ulp_from_the_bit_pattern_equals_frexp_spacing(dtype: torch.dtype) -> None:
+    """rounding.ulp reads the binade from float64's bits; the spacing by math.frexp, value by value."""
+    from adapterops.ops.rounding import MANTISSA_BITS, ulp
+
+    g = torch.Generator().manual_seed(3)
+    scales = torch.exp2(torch.randint(-160, 130, (4000,), generator=g).double())
+    x = torch.randn(4000, generator=g, dtype=torch.float64) * scales
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, -2.0, 2.0**-149, 2.0**-1074, 65504.0, 3e38])])
+    bits, smallest = MANTISSA_BITS[dtype], torch.finfo(dtype).smallest_normal
+    # IEEE spacing: 2**(floor(log2|v|) - bits) for normal values, the subnormal step below (zero too)
+    expected = [
+        math.ldexp(1.0, math.frexp(abs(v))[1] - 1 - bits) if abs(v) >= smallest else smallest * 2.0**-bits
+        for v in x.tolist()
+    ]
+    assert ulp(x, dtype).tolist() == expected

@@ -54,13 +54,18 @@ def _round_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of ``dtype`` at each value of ``x`` (float64), subnormals included."""
+    """The spacing of ``dtype`` at each value of ``x`` (float64), subnormals included; Inf where
+    ``x`` is Inf or NaN.
+
+    ``|x|``'s binade start 2**floor(log2|x|) is x's float64 bit pattern with the sign and mantissa
+    cleared (exact, and one integer pass instead of frexp and ldexp); ``dtype`` spaces its values
+    2**-bits of that apart, and never closer than its subnormals.
+    """
     bits = MANTISSA_BITS[dtype]
     info = torch.finfo(dtype)
-    _, exponent = torch.frexp(x.double().abs())
-    # frexp: |x| = f * 2**e with f in [0.5, 1), so the spacing is 2**(e - 1 - bits)
-    spacing = torch.ldexp(torch.ones_like(x, dtype=torch.float64), exponent - 1 - bits)
-    return torch.clamp(spacing, min=info.smallest_normal * 2.0**-bits)
+    x64 = x.double()
+    binade = torch.bitwise_and(x64.view(torch.int64), 0x7FF0000000000000).view(torch.float64)
+    return torch.clamp(binade.mul_(2.0**-bits), min=info.smallest_normal * 2.0**-bits)
 
 
 # float32 bits of one half-precision cell: (mask keeping the cell, the midpoint's offset in it)
