@@ -602,8 +602,8 @@ class MergeOptions:
     )
     workers: int = option(
         1,
-        "Write the shards of a sharded checkpoint in N processes at once (CPU only; each gets an equal share "
-        "of the cores). The output is the same bytes as with 1.",
+        "Write the shards of a sharded checkpoint in N processes at once (CPU only; at most one per shard "
+        "and per core, each with an equal share of the cores). The output is the same bytes as with 1.",
         type=int,
         min=1,
         metavar="N",
@@ -626,8 +626,8 @@ class UnmergeOptions:
     ignore_record: bool = option(False, _IGNORE_RECORD_HELP, type=bool)
     workers: int = option(
         1,
-        "Write the shards of a sharded checkpoint in N processes at once (CPU only; each gets an equal share "
-        "of the cores). The output is the same bytes as with 1.",
+        "Write the shards of a sharded checkpoint in N processes at once (CPU only; at most one per shard "
+        "and per core, each with an equal share of the cores). The output is the same bytes as with 1.",
         type=int,
         min=1,
         metavar="N",

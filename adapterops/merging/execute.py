@@ -455,8 +455,9 @@ def _write_in_processes(
     """Each shard written by one of ``workers`` spawned processes (largest first), into ``tmp``.
     Their DoRA norms, quantization errors and warnings come back here; the bytes are the same as
     one process writes. Each process gets an equal share of the cores for torch's threads."""
-    workers = min(workers, len(jobs))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    cores = len(os.sched_getaffinity(0))
+    workers = min(workers, len(jobs), cores)  # more processes than shards or cores would only wait
+    threads = max(1, cores // workers)
     order = [(i, out.name, tmp) for i, _, out in sorted(jobs, key=lambda job: -job[2].data_size)]
     by_index = {i: (shard, out) for i, shard, out in jobs}
     written = 0
