@@ -651,24 +651,7 @@ def read_adapter(
             raise AdapterFormatError(f"{path}: {key} has no {missing}; the file is incomplete")
         found = targets(key, modules_of_base, path)
         fused = _module(path, key, found[0].name, down, up, alpha)
-        if found[-1].rows is not None and found[-1].rows[1] != fused.out_features:
-            raise AdapterFormatError(
-                f"{path}: {key} updates {fused.out_features} rows but the base's "
-                f"{', '.join(t.name for t in found)} have {found[-1].rows[1]} together; the file does not "
-                "belong to this base"
-            )
-        for target in found:
-            module = part(fused, target)
-            if target.name in modules:
-                raise AdapterFormatError(
-                    f"{path}: two kohya modules map to {target.name}; the file is refused"
-                )
-            if target.name in shapes and shapes[target.name] != module.weight_shape:
-                raise AdapterFormatError(
-                    f"{path}: {key} updates a weight of shape {module.weight_shape} but the base's "
-                    f"{target.name}.weight is {shapes[target.name]}; the file does not belong to this base"
-                )
-            modules[target.name] = module
+        for target in place(path, key, fused, found, shapes, modules, "kohya"):
             alphas[target.name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
             if len(found) == 1 and kohya_key(target.name, prefix) == key and not target.swap_halves:
                 keys[target.name] = key
@@ -700,6 +683,38 @@ def read_adapter(
         source=source,
         provenance=provenance_from_metadata(path, metadata),
     )
+
+
+def place(
+    path: Path | str,
+    key: str,
+    whole: LoraModule,
+    found: list[Target],
+    shapes: Mapping[str, tuple[int, ...]],
+    modules: dict[str, LoraModule],
+    what: str,
+) -> list[Target]:
+    """Put the file module ``key`` (read as ``whole``) into ``modules`` as its ``found`` targets, each
+    checked against the base's ``shapes``; returns ``found``. Refuses (one line) a fused module whose
+    rows do not add up to its targets', a target two file modules (``what``: the format) map to, and
+    a shape that does not fit the base."""
+    if found[-1].rows is not None and found[-1].rows[1] != whole.out_features:
+        raise AdapterFormatError(
+            f"{path}: {key} updates {whole.out_features} rows but the base's "
+            f"{', '.join(t.name for t in found)} have {found[-1].rows[1]} together; the file does not "
+            "belong to this base"
+        )
+    for target in found:
+        module = part(whole, target)
+        if target.name in modules:
+            raise AdapterFormatError(f"{path}: two {what} modules map to {target.name}; the file is refused")
+        if target.name in shapes and shapes[target.name] != module.weight_shape:
+            raise AdapterFormatError(
+                f"{path}: {key} updates a weight of shape {module.weight_shape} but the base's "
+                f"{target.name}.weight is {shapes[target.name]}; the file does not belong to this base"
+            )
+        modules[target.name] = module
+    return found
 
 
 def part(module: LoraModule, target: Target) -> LoraModule:

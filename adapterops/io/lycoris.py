@@ -478,27 +478,10 @@ def read_adapter(
         found = kohya.targets(key, modules_of_base, path)  # the base's names, else the vocabularies
         weight_shape = shapes.get(found[0].name) if len(found) == 1 else None
         whole, algorithm, report = _module(f"{path}: {key}", found[0].name, entry, weight_shape)
-        if found[-1].rows is not None and found[-1].rows[1] != whole.out_features:
-            raise AdapterFormatError(
-                f"{path}: {key} updates {whole.out_features} rows but the base's "
-                f"{', '.join(t.name for t in found)} have {found[-1].rows[1]} together; the file does not "
-                "belong to this base"
-            )
-        for target in found:
-            module = kohya.part(whole, target)
-            if module.name in modules:
-                raise AdapterFormatError(
-                    f"{path}: two LyCORIS modules map to {module.name}; the file is refused"
-                )
-            if module.name in shapes and shapes[module.name] != module.weight_shape:
-                raise AdapterFormatError(
-                    f"{path}: {key} updates a weight of shape {module.weight_shape} but the base's "
-                    f"{module.name}.weight is {shapes[module.name]}; the file does not belong to this base"
-                )
-            modules[module.name] = module
-            algorithms[module.name] = algorithm
-            alpha = entry.get("alpha")
-            alphas[module.name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
+        alpha = entry.get("alpha")
+        for target in kohya.place(path, key, whole, found, shapes, modules, "LyCORIS"):
+            algorithms[target.name] = algorithm
+            alphas[target.name] = None if alpha is None else str(alpha.dtype).removeprefix("torch.")
         if report is not None:
             reports.append(report)
     if reports:
