@@ -51,6 +51,7 @@ import torch
 from adapterops.adapter import Adapter, LoraModule, ModuleKind, Source
 from adapterops.errors import AdapterFormatError, AdapterOpsError, UnsupportedAdapterError
 from adapterops.io.atomic import atomic_output_dir, atomic_output_file
+from adapterops.io.kohya import check_plain
 from adapterops.io.patterns import shown
 from adapterops.io.peft import PROVENANCE_KEY, provenance_from_metadata
 from adapterops.io.peft_config import check_config, get_pattern_key, lora_scale
@@ -494,17 +495,7 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
         )
     out: dict[str, torch.Tensor] = {}
     for name, m in adapter.modules.items():
-        if (
-            m.kind not in (ModuleKind.LINEAR, ModuleKind.CONV)
-            or m.transposed
-            or m.bias is not None
-            or m.is_dora
-        ):
-            raise UnsupportedAdapterError(
-                f"module {name}: a {m.kind.value} module{' with lora_bias' if m.bias is not None else ''}"
-                f"{' (DoRA)' if m.is_dora else ''}{' (transposed)' if m.transposed else ''} cannot be written as "
-                "a diffusers LoRA file (linear and conv layers, plain LoRA only): save as PEFT"
-            )
+        check_plain(name, m, "a diffusers LoRA file (linear and conv layers, plain LoRA only)")
         key = name if name.startswith(tuple(f"{te}." for te in TEXT_ENCODERS)) else f"{denoiser}.{name}"
         cast = dtype or m.A.dtype
         A, B = m.A, m.B

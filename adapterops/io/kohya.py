@@ -717,6 +717,17 @@ def place(
     return found
 
 
+def check_plain(name: str, m: LoraModule, written_as: str) -> None:
+    """Refuse (one line) what an image-model LoRA file cannot hold: a module that is not a plain LoRA
+    on a linear or conv layer (lora_bias, DoRA, transposed Conv1D, embeddings, parameters)."""
+    if m.kind not in (ModuleKind.LINEAR, ModuleKind.CONV) or m.transposed or m.bias is not None or m.is_dora:
+        raise UnsupportedAdapterError(
+            f"module {name}: a {m.kind.value} module{' with lora_bias' if m.bias is not None else ''}"
+            f"{' (DoRA)' if m.is_dora else ''}{' (transposed)' if m.transposed else ''} cannot be "
+            f"written as {written_as}: save as PEFT"
+        )
+
+
 def part(module: LoraModule, target: Target) -> LoraModule:
     """``module`` as ``target`` has it: renamed, its lora_up rows (and DoRA magnitudes, which are per
     row) cut out and swapped as said. Rows are independent in ``W + dW`` and in DoRA's row norm, so
@@ -808,17 +819,7 @@ def state_dict(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, 
     out: dict[str, torch.Tensor] = {}
     owners: dict[str, str] = {}
     for name, m in adapter.modules.items():
-        if (
-            m.kind not in (ModuleKind.LINEAR, ModuleKind.CONV)
-            or m.transposed
-            or m.bias is not None
-            or m.is_dora
-        ):
-            raise UnsupportedAdapterError(
-                f"module {name}: a {m.kind.value} module{' with lora_bias' if m.bias is not None else ''}"
-                f"{' (DoRA)' if m.is_dora else ''}{' (transposed)' if m.transposed else ''} cannot be "
-                "written as kohya LoRA (linear and conv layers only): save as PEFT"
-            )
+        check_plain(name, m, "kohya LoRA (linear and conv layers only)")
         own = name.removeprefix(TE2) if name.startswith(TE2) else name.removeprefix(TE1)
         key = kohya_key(name, te_prefix)
         if name in renamed:
