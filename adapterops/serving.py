@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -272,11 +273,7 @@ def _gguf_served(adapter: Adapter, profile: Profile) -> Served:
     from adapterops.io.gguf import file_alpha
 
     alpha, folded = file_alpha(adapter)
-    reports = []
-    for name in folded:  # the writer rounds B * scale * r / alpha to float32 once: the same rounding
-        module = adapter.modules[name]
-        as_float32 = replace(module, B=module.B.float())
-        reports.append(make_uniform({name: as_float32}, rank=None, scale=alpha / module.rank)[1][0])
+    reports = float32_fold_reports(adapter, folded, lambda m: alpha / m.rank)
     return Served(
         profile.engine,
         profile.format,
@@ -285,8 +282,22 @@ def _gguf_served(adapter: Adapter, profile: Profile) -> Served:
         tuple(folded),
         (),
         max((r.rel_error for r in reports), default=0.0),
-        tuple(reports),
+        reports,
     )
+
+
+def float32_fold_reports(
+    adapter: Adapter, folded: Sequence[str], target: Callable[[LoraModule], float]
+) -> tuple[ModuleReport, ...]:
+    """What a writer that folds a module's scale into lora_b in float32 does to each ``folded``
+    module (GGUF, mlx: ``B * s / target(module)`` in float64, rounded once to float32): one report
+    each, its ``rel_error`` measured in float64 (``ops.uniform.fold_scale``, the same rounding)."""
+    reports = []
+    for name in folded:
+        module = adapter.modules[name]
+        as_float32 = replace(module, B=module.B.float())
+        reports.append(make_uniform({name: as_float32}, rank=None, scale=target(module))[1][0])
+    return tuple(reports)
 
 
 def write(

@@ -416,3 +416,30 @@ def test_an_mlx_adapter_loads_from_the_hub(tmp_path: Path, fake_snapshots: Any) 
     assert adapter.config["format"] == "mlx" and adapter.source.revision == sha
     local = ao.load_adapter(mlx_out)
     assert all(torch.equal(adapter.modules[n].A, m.A) for n, m in local.modules.items())
+
+
+def test_cli_reports_the_folding_error_the_written_file_has(tmp_path: Path) -> None:
+    """alpha 5 on r 4 folded into the file's scale 2: a 5/8 ratio needs one float32 rounding of lora_b;
+    the error convert prints is the one measured on the written file against PEFT's float64 update."""
+    peft_dir = make_adapter(
+        tiny_llama,
+        tmp_path / "peft",
+        seed=4,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "o_proj"],
+        alpha_pattern={"model.layers.0.self_attn.o_proj": 5},
+    )
+    result = CliRunner().invoke(
+        cli, ["convert", str(peft_dir), "--to", "mlx", "-o", str(tmp_path / "m"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    name = "model.layers.0.self_attn.o_proj"
+    assert summary["folded"] == [name]
+    written, peft = ao.load_adapter(tmp_path / "m").modules[name], ao.load_adapter(peft_dir).modules[name]
+    want = peft.B.double() @ peft.A.double() * peft.scale
+    got = written.B.double() @ written.A.double() * written.scale
+    measured = float(torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want))
+    assert 0 < measured < 2**-23
+    assert summary["max_rel_error"] == pytest.approx(measured, rel=1e-6)

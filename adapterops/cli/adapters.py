@@ -280,16 +280,20 @@ def convert(adapter: str, **kwargs: Any) -> None:
             return {"output": str(written), **summary, **served.as_dict()}
         written = verbs.convert(loaded, output, force=force, **kwargs)
         summary.update(output=str(written), format=kwargs["to"])
-        if kwargs["to"] == "gguf":
+        if kwargs["to"] in ("gguf", "mlx"):  # one scale per file: the others folded into lora_b
             from adapterops.io.gguf import file_alpha
-
-            alpha, folded = file_alpha(loaded)
-            summary.update(alpha=alpha, folded=folded)
-        elif kwargs["to"] == "mlx":
             from adapterops.io.mlx import file_scale
+            from adapterops.serving import float32_fold_reports
 
-            scale, folded = file_scale(loaded)
-            summary.update(scale=scale, folded=folded)
+            if kwargs["to"] == "gguf":
+                alpha, folded = file_alpha(loaded)
+                summary.update(alpha=alpha, folded=folded)
+                reports = float32_fold_reports(loaded, folded, lambda m: alpha / m.rank)
+            else:
+                scale, folded = file_scale(loaded)
+                summary.update(scale=scale, folded=folded)
+                reports = float32_fold_reports(loaded, folded, lambda m: scale)
+            summary["max_rel_error"] = max((r.rel_error for r in reports), default=0.0)
         return summary
 
     summary = out.run(work)
@@ -303,7 +307,10 @@ def convert(adapter: str, **kwargs: Any) -> None:
     if "alpha" in summary or "scale" in summary:
         line += f", alpha {summary['alpha']:g}" if "alpha" in summary else f", scale {summary['scale']:g}"
         if summary["folded"]:
-            line += f"; scale folded into lora_b (float32) of {len(summary['folded'])} modules"
+            line += (
+                f"; scale folded into lora_b (float32) of {len(summary['folded'])} modules "
+                f"(max relative error {summary['max_rel_error']:.2g})"
+            )
     if out.verbose:
         for name in summary.get("folded", []):
             out.line(f"{name}: scale folded into lora_b (float32, one rounding)")
